@@ -1,0 +1,198 @@
+"""What every node of the pack looks like from outside: ids, inputs, outputs, tooltips — as plain data.
+
+Kept free of ComfyUI so that CI can check the interface (every input has a tooltip, example workflows connect
+only existing inputs with matching types) without a ComfyUI install; ``nodes.comfy_schema`` turns a spec into
+ComfyUI's V3 ``io.Schema``. Node ids and the names of their core inputs are stable: add inputs, never rename.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ROOT = "AnimateDiff-Lightning"
+CAT_MOTION = f"{ROOT}/motion"
+CAT_SAMPLING = f"{ROOT}/sampling"
+CAT_LONG_VIDEO = f"{ROOT}/long video"
+CAT_ANALYSIS = f"{ROOT}/analysis"
+
+#: Socket types. MOTION_MODULE is ours (Evolved's is MOTION_MODEL_ADE). MOTION_LORA has the same name as
+#: AnimateDiff-Evolved's motion-LoRA chain on purpose: Apply Motion Module accepts a chain from either pack's
+#: loader, so graphs that already load motion LoRAs with Evolved's node keep working.
+MOTION_MODULE = "MOTION_MODULE"
+MOTION_LORA = "MOTION_LORA"
+
+#: Combo inputs whose options are the files of a model folder, resolved when ComfyUI asks for the schema.
+OPTIONS_MOTION_MODULES = "@animatediff_models"
+OPTIONS_MOTION_LORAS = "@animatediff_motion_lora"
+
+NORM_MODES = ("per_frame", "across_frames")
+
+
+@dataclass(frozen=True)
+class In:
+    id: str
+    type: str
+    tooltip: str
+    default: object = None
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    options: tuple | str | None = None
+    optional: bool = False
+    display_name: str | None = None
+    control_after_generate: bool = False
+    advanced: bool = False
+
+
+@dataclass(frozen=True)
+class Out:
+    type: str
+    name: str
+    tooltip: str
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    category: str
+    description: str
+    inputs: tuple[In, ...] = field(default_factory=tuple)
+    outputs: tuple[Out, ...] = field(default_factory=tuple)
+    is_output_node: bool = False
+    experimental: bool = False
+
+    def input(self, input_id: str) -> In:
+        for i in self.inputs:
+            if i.id == input_id:
+                return i
+        raise KeyError(f"{self.node_id} has no input {input_id!r}")
+
+
+LOAD_MOTION_MODULE = NodeSpec(
+    node_id="ADL_LoadMotionModule",
+    display_name="Load Motion Module (Lightning)",
+    category=CAT_MOTION,
+    description=(
+        "Loads an SD1.5 AnimateDiff motion module: AnimateDiff-Lightning 1/2/4/8-step (the _comfyui or _diffusers "
+        "file), AnimateDiff v1/v2/v3 or AnimateLCM, in .safetensors or .ckpt. The released Lightning modules are "
+        "always listed; one that is not on disk yet is downloaded from the Hugging Face hub into "
+        "models/animatediff_models on first use. Wrong files (SDXL modules, motion LoRAs, SD checkpoints, "
+        "ControlNets, damaged files) are refused with a message that says what they are."),
+    inputs=(
+        In("name", "COMBO", options=OPTIONS_MOTION_MODULES, default="animatediff_lightning_4step_comfyui.safetensors",
+           tooltip="Motion module file from models/animatediff_models (or any folder registered for "
+                   "animatediff_models in extra_model_paths.yaml). Pick the Lightning module whose step count you "
+                   "will sample with; the 4-step one is the best speed/quality balance."),
+        In("group_norm", "COMBO", options=NORM_MODES, default="per_frame", optional=True, advanced=True,
+           tooltip="How the motion module normalises: per_frame is the original AnimateDiff (and ComfyUI) "
+                   "behaviour; across_frames is what diffusers does. Keep per_frame unless you are matching "
+                   "diffusers output."),
+    ),
+    outputs=(Out(MOTION_MODULE, "motion_module",
+                 "The motion module with its format, version and Lightning step count; connect it to Apply Motion "
+                 "Module."),),
+)
+
+LOAD_MOTION_LORA = NodeSpec(
+    node_id="ADL_LoadMotionLoRA",
+    display_name="Load Motion LoRA (Lightning)",
+    category=CAT_MOTION,
+    description=(
+        "Loads an AnimateDiff motion LoRA (v2_lora_ZoomIn.ckpt and friends) from models/animatediff_motion_lora. "
+        "Chain several through prev_motion_lora; they are merged into the motion module when it is applied, and "
+        "removed again afterwards. Image LoRAs and the v3 domain adapter are not motion LoRAs and are refused."),
+    inputs=(
+        In("name", "COMBO", options=OPTIONS_MOTION_LORAS,
+           tooltip="Motion LoRA file from models/animatediff_motion_lora."),
+        In("strength", "FLOAT", default=0.8, min=-10.0, max=10.0, step=0.01,
+           tooltip="How strongly the LoRA's motion is applied. 0.7-0.8 gives stronger motion without the "
+                   "watermarks that full strength can bring out (AnimateDiff-Lightning model card)."),
+        In("prev_motion_lora", MOTION_LORA, optional=True,
+           tooltip="Optional: motion LoRAs loaded earlier in a chain; this one is added to them."),
+    ),
+    outputs=(Out(MOTION_LORA, "motion_lora", "The chain of motion LoRAs so far; connect it to Apply Motion Module."),),
+)
+
+APPLY_MOTION_MODULE = NodeSpec(
+    node_id="ADL_ApplyMotionModule",
+    display_name="Apply Motion Module (Lightning)",
+    category=CAT_MOTION,
+    description=(
+        "Turns an SD1.5 model into a video model: inserts the motion module at the AnimateDiff places of a copy of "
+        "the UNet (the original model is untouched), switches the noise schedule to AnimateDiff's linear betas "
+        "(ComfyUI's sqrt_linear) and lets ComfyUI manage the module's memory. Sample 16 frames (up to the "
+        "module's limit of 32, or any number with Context Windows) with the Lightning Sampler, or with KSampler "
+        "using euler + sgm_uniform."),
+    inputs=(
+        In("model", "MODEL", tooltip="An SD1.5 checkpoint's MODEL (SDXL and other families are refused)."),
+        In("motion_module", MOTION_MODULE, tooltip="From Load Motion Module."),
+        In("motion_lora", MOTION_LORA, optional=True, tooltip="Optional motion LoRAs from Load Motion LoRA."),
+        In("scale", "FLOAT", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
+           tooltip="Motion scale: multiplies the temporal attention keys. Above 1 sharpens which frames each frame "
+                   "attends to (often more motion), below 1 smooths it; 1 is what the module was trained with."),
+    ),
+    outputs=(Out("MODEL", "model", "The model with the motion module applied; sample it with the Lightning "
+                                   "Sampler or KSampler (euler, sgm_uniform)."),),
+)
+
+LIGHTNING_SAMPLER = NodeSpec(
+    node_id="ADL_LightningSampler",
+    display_name="Lightning Sampler",
+    category=CAT_SAMPLING,
+    description=(
+        "Samples a video in a few steps with the schedule AnimateDiff-Lightning was distilled on (Euler, trailing "
+        "timesteps, e.g. 999/749/499/249 for 4 steps) through ComfyUI's own sampler, so previews, the progress bar, "
+        "Cancel, ControlNet and other patches all work. Settings left at their defaults are the right ones."),
+    inputs=(
+        In("model", "MODEL", tooltip="The model from Apply Motion Module."),
+        In("positive", "CONDITIONING", tooltip="What the video should show."),
+        In("negative", "CONDITIONING",
+           tooltip="What to avoid. Only used when cfg is above 1 (at cfg 1 the model is called once per step and the "
+                   "negative prompt is ignored)."),
+        In("latent_image", "LATENT",
+           tooltip="One latent per frame: Empty Latent Image with batch_size 16 for text-to-video, or encoded video "
+                   "frames for video-to-video (with denoise below 1)."),
+        In("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+           tooltip="Noise seed; the same seed gives the same noise as KSampler."),
+        In("steps", "INT", default=0, min=0, max=100,
+           tooltip="0 uses the module's own step count (4 for the 4-step module). Other values work but leave the "
+                   "grid the module was distilled on; 3 steps on the 2-step module is a known good choice."),
+        In("cfg", "FLOAT", default=1.0, min=0.0, max=30.0, step=0.1,
+           tooltip="Classifier-free guidance. 1.0 is what Lightning was distilled for (fastest, negative prompt "
+                   "ignored); some base models look better at 1.5-2."),
+        In("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01,
+           tooltip="1.0 for text-to-video. Below 1 for video-to-video: snapped to the module's grid (0.25 / 0.5 / "
+                   "0.75 for the 4-step module); the log says when it snaps."),
+    ),
+    outputs=(Out("LATENT", "latent", "The sampled video latents, one per frame; decode with VAE Decode."),),
+)
+
+LIGHTNING_SIGMAS = NodeSpec(
+    node_id="ADL_LightningSigmas",
+    display_name="Lightning Sigmas",
+    category=CAT_SAMPLING,
+    description=(
+        "The noise levels (SIGMAS) AnimateDiff-Lightning was distilled on, for SamplerCustom or "
+        "SamplerCustomAdvanced (use the euler sampler with them). denoise below 1 keeps the tail of the schedule, "
+        "snapped to the module's grid."),
+    inputs=(
+        In("model", "MODEL", tooltip="The model from Apply Motion Module (its module tells the step count)."),
+        In("steps", "INT", default=0, min=0, max=100,
+           tooltip="0 uses the module's own step count; other values leave the distilled grid."),
+        In("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01,
+           tooltip="1.0 for text-to-video; below 1 keeps the last part of the schedule, snapped to the grid."),
+    ),
+    outputs=(Out("SIGMAS", "sigmas", "Decreasing noise levels ending at 0, e.g. 25.15, 6.56, 2.28, 0.87, 0."),),
+)
+
+GENERATION_NODES = (LOAD_MOTION_MODULE, LOAD_MOTION_LORA, APPLY_MOTION_MODULE, LIGHTNING_SAMPLER, LIGHTNING_SIGMAS)
+
+
+def all_specs() -> tuple[NodeSpec, ...]:
+    """Every node the pack registers."""
+    return GENERATION_NODES
+
+
+def spec_by_id() -> dict[str, NodeSpec]:
+    return {s.node_id: s for s in all_specs()}

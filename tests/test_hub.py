@@ -1,0 +1,133 @@
+"""The hub-download path, exercised against a fake Hugging Face endpoint on loopback and in offline mode."""
+
+import hashlib
+import http.server
+import os
+import threading
+
+import pytest
+
+from lightning import hub
+
+huggingface_hub = pytest.importorskip("huggingface_hub")
+from huggingface_hub import constants  # noqa: E402
+
+PAYLOAD = bytes(range(256)) * 8  # 2048 bytes
+
+
+class FakeHub:
+    """Answers HEAD/GET for /{repo}/resolve/{revision}/{file} like huggingface.co does for an LFS file."""
+
+    def __init__(self, payload: bytes, size_header: int | None = None):
+        self.payload = payload
+        self.requests = []
+        sha = hashlib.sha256(payload).hexdigest()
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _head(self):
+                owner.requests.append((self.command, self.path))
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("ETag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(size_header or len(payload)))
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+
+            def do_HEAD(self):
+                self._head()
+
+            def do_GET(self):
+                self._head()
+                self.wfile.write(owner.payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    # conftest forces offline mode; these tests talk to a loopback server only
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.fixture
+def fake_hub():
+    server = FakeHub(PAYLOAD)
+    yield server
+    server.close()
+
+
+def known(size=len(PAYLOAD)):
+    return {"animatediff_lightning_4step_comfyui.safetensors":
+            hub.KnownFile("ByteDance/AnimateDiff-Lightning", "animatediff_lightning_4step_comfyui.safetensors",
+                          size, 4)}
+
+
+NAME = "animatediff_lightning_4step_comfyui.safetensors"
+
+
+def test_known_files_are_the_released_lightning_modules():
+    assert sorted(f.steps for f in hub.KNOWN_FILES.values()) == [1, 2, 4, 8]
+    for name, f in hub.KNOWN_FILES.items():
+        assert f.filename == name and f.size == 908_929_664 and f.repo_id == "ByteDance/AnimateDiff-Lightning"
+        assert f.url == f"https://huggingface.co/ByteDance/AnimateDiff-Lightning/resolve/main/{name}"
+
+
+def test_download_lands_in_the_folder_with_progress_and_verification(tmp_path, online, fake_hub):
+    progress, verified = [], []
+    path = hub.download(NAME, tmp_path / "animatediff_models", known_files=known(), endpoint=fake_hub.endpoint,
+                        progress=lambda done, total: progress.append((done, total)), verify=verified.append)
+    assert path == tmp_path / "animatediff_models" / NAME
+    assert path.read_bytes() == PAYLOAD
+    assert progress and progress[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert verified == [path]
+    assert ("GET", f"/ByteDance/AnimateDiff-Lightning/resolve/main/{NAME}") in fake_hub.requests
+    # second time: the file is there, the hub is not asked again
+    fake_hub.requests.clear()
+    assert hub.download(NAME, tmp_path / "animatediff_models", known_files=known(),
+                        endpoint=fake_hub.endpoint) == path
+    assert fake_hub.requests == []
+
+
+def test_a_file_of_the_wrong_size_is_removed_and_the_error_says_how_to_fetch_it(tmp_path, online, fake_hub):
+    with pytest.raises(hub.DownloadError) as e:
+        hub.download(NAME, tmp_path, known_files=known(size=len(PAYLOAD) + 1), endpoint=fake_hub.endpoint)
+    msg = str(e.value)
+    assert NAME in msg and "huggingface.co/ByteDance/AnimateDiff-Lightning/resolve/main/" in msg
+    assert str(tmp_path) in msg and "removed" in msg
+    assert not (tmp_path / NAME).exists()
+
+
+def test_a_file_failing_verification_is_removed(tmp_path, online, fake_hub):
+    def reject(path):
+        raise ValueError("not a motion module")
+
+    with pytest.raises(hub.DownloadError, match="not a motion module"):
+        hub.download(NAME, tmp_path, known_files=known(), endpoint=fake_hub.endpoint, verify=reject)
+    assert not (tmp_path / NAME).exists()
+
+
+def test_offline_mode_fails_with_manual_instructions(tmp_path):
+    assert constants.HF_HUB_OFFLINE  # set by conftest: tests never reach the real hub
+    with pytest.raises(hub.DownloadError) as e:
+        hub.download(NAME, tmp_path, known_files=known())
+    msg = str(e.value)
+    assert "by hand" in msg and hub.KNOWN_FILES[NAME].url in msg
+    assert str(tmp_path) in msg
+    assert not (tmp_path / NAME).exists()
+
+
+def test_unknown_name_lists_known_files(tmp_path):
+    with pytest.raises(hub.DownloadError, match="animatediff_lightning_4step_comfyui"):
+        hub.download("mm_sd_v15_v2.ckpt", tmp_path)
+    assert os.listdir(tmp_path) == []
