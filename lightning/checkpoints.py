@@ -37,6 +37,7 @@ from . import __version__
 from .errors import (PROBLEM_KEYS, PROBLEM_MISSING_FILE, PROBLEM_NON_FINITE, PROBLEM_UNREADABLE,
                      PROBLEM_WRONG_KIND, InvalidInputError, ModelFileError, MotionModuleFileError,
                      describe_source)
+from .files import atomic_output
 from .motion_module import (ANIMATELCM_PE_LENGTH, MotionModuleInfo, MotionModuleSet, sinusoidal_positions,
                             version_from_layout)
 
@@ -686,13 +687,8 @@ def save_motion_module(module_set: MotionModuleSet, path, *, layout: str = "orig
     if free < size:
         raise InvalidInputError(f"not enough disk space for {os.fspath(path)!r}: needs {size:,} bytes, "
                                 f"{free:,} free")
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(path) as temporary:
         save_file(tensors, os.fspath(temporary), metadata=meta)
         _check_complete(temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     log.info("saved %s motion module (%s layout, %s) to %s", module_set.info.label, layout, dtype, path)
     return path

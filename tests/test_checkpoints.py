@@ -363,3 +363,24 @@ def test_fixture_cli_writes_loadable_files(tmp_path, capsys):
         "v3_sd15_mm.ckpt", "wrong/sd_lora.safetensors"]
     assert load_motion_module(tmp_path / "v3_sd15_mm.ckpt").info.version == "v3"
     assert "v3_sd15_mm.ckpt" in capsys.readouterr().out
+
+
+def test_saved_files_are_published_with_the_usual_mode_and_no_leftovers(tmp_path):
+    import stat
+
+    from lightning.files import atomic_output
+    from lightning.testing.motion import write_motion_module
+
+    path = write_motion_module(tmp_path / "m.safetensors")
+    module = load_motion_module(path)
+    out = save_motion_module(module, tmp_path / "saved.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (path, out):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask  # safetensors alone would leave 0600
+    with pytest.raises(RuntimeError):
+        with atomic_output(tmp_path / "saved.safetensors") as temporary:
+            temporary.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert load_motion_module(out) is not None  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "saved.safetensors"]

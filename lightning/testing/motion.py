@@ -28,6 +28,7 @@ from typing import Mapping
 import torch
 
 from ..checkpoints import DIFFUSERS_PE_SUFFIX, ORIGINAL_PE_SUFFIXES, diffusers_key, module_prefixes, original_layout
+from ..files import atomic_output
 from ..motion_module import sinusoidal_positions
 
 TINY_CHANNELS = (32, 32, 64, 64)
@@ -106,17 +107,11 @@ def save_tensors(tensors: Mapping[str, object], path, *, metadata: Mapping[str, 
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_output(path) as temporary:
         if path.suffix in (".safetensors", ".sft"):
             save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(temporary), metadata=metadata)
         else:
             torch.save(dict(tensors), os.fspath(temporary))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     return path
 
 
@@ -239,10 +234,8 @@ def _file_bytes(tensors, suffix: str) -> bytes:
 
 
 def _write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(data)
     return path
 
 

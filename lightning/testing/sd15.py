@@ -31,17 +31,17 @@ CLI: ``python -m lightning.testing.sd15 --out DIR [--force] [--seed N] [--dtype 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
-import secrets
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..files import atomic_output
 
 Shape = tuple[int, ...]
 
@@ -390,20 +390,10 @@ def write_random_weights(path: str | os.PathLike, shapes: Mapping[str, Shape], *
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkstemp: its 0600 mode would make the fixture unreadable to other users (e.g. a
-    # ComfyUI server run under another account); "x" mode still refuses to reuse an existing name.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "xb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_sd15_checkpoint(path: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
