@@ -1,57 +1,17 @@
 """The hub-download path, exercised against a fake Hugging Face endpoint on loopback and in offline mode."""
 
-import hashlib
-import http.server
 import os
-import threading
 
 import pytest
 
+from fake_hub import FakeHub
 from lightning import hub
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
 from huggingface_hub import constants  # noqa: E402
 
 PAYLOAD = bytes(range(256)) * 8  # 2048 bytes
-
-
-class FakeHub:
-    """Answers HEAD/GET for /{repo}/resolve/{revision}/{file} like huggingface.co does for an LFS file."""
-
-    def __init__(self, payload: bytes, size_header: int | None = None):
-        self.payload = payload
-        self.requests = []
-        sha = hashlib.sha256(payload).hexdigest()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def _head(self):
-                owner.requests.append((self.command, self.path))
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", "0" * 40)
-                self.send_header("X-Linked-Etag", f'"{sha}"')
-                self.send_header("ETag", f'"{sha}"')
-                self.send_header("X-Linked-Size", str(size_header or len(payload)))
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-
-            def do_HEAD(self):
-                self._head()
-
-            def do_GET(self):
-                self._head()
-                self.wfile.write(owner.payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+NAME = "animatediff_lightning_4step_comfyui.safetensors"
 
 
 @pytest.fixture
@@ -62,7 +22,7 @@ def online(monkeypatch):
 
 @pytest.fixture
 def fake_hub():
-    server = FakeHub(PAYLOAD)
+    server = FakeHub({f"ByteDance/AnimateDiff-Lightning/{NAME}": PAYLOAD})
     yield server
     server.close()
 
@@ -71,9 +31,6 @@ def known(size=len(PAYLOAD)):
     return {"animatediff_lightning_4step_comfyui.safetensors":
             hub.KnownFile("ByteDance/AnimateDiff-Lightning", "animatediff_lightning_4step_comfyui.safetensors",
                           size, 4)}
-
-
-NAME = "animatediff_lightning_4step_comfyui.safetensors"
 
 
 def test_known_files_are_the_released_lightning_modules():
@@ -131,3 +88,14 @@ def test_unknown_name_lists_known_files(tmp_path):
     with pytest.raises(hub.DownloadError, match="animatediff_lightning_4step_comfyui"):
         hub.download("mm_sd_v15_v2.ckpt", tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_file_missing_on_the_hub_fails_with_manual_instructions(tmp_path, online):
+    server = FakeHub({})
+    try:
+        with pytest.raises(hub.DownloadError) as e:
+            hub.download(NAME, tmp_path, known_files=known(), endpoint=server.endpoint)
+    finally:
+        server.close()
+    assert "by hand" in str(e.value) and NAME in str(e.value)
+    assert not (tmp_path / NAME).exists()

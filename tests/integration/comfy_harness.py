@@ -88,12 +88,14 @@ class ComfyServer:
                 if not link.exists():
                     link.symlink_to(target)
 
-    def start(self, timeout: float = 300.0, extra_args=()) -> "ComfyServer":
+    def start(self, timeout: float = 300.0, extra_args=(), env: dict | None = None) -> "ComfyServer":
         cmd = [comfyui_python(self.comfy), "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--preview-method", "none",
                *extra_args]
         self._log = open(self.log_path, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        # offline unless a test points the hub at its own loopback fake
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        env = {k: v for k, v in env.items() if v is not None}
         self.proc = subprocess.Popen(cmd, cwd=self.comfy, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
