@@ -16,5 +16,6 @@ class LightningExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .generation import NODES as generation
+        from .long_video import NODES as long_video
 
-        return [*generation]
+        return [*generation, *long_video]

@@ -191,8 +191,100 @@ GENERATION_NODES = (LOAD_MOTION_MODULE, LOAD_MOTION_LORA, APPLY_MOTION_MODULE, L
 
 def all_specs() -> tuple[NodeSpec, ...]:
     """Every node the pack registers."""
-    return GENERATION_NODES
+    return GENERATION_NODES + LONG_VIDEO_NODES
 
 
 def spec_by_id() -> dict[str, NodeSpec]:
     return {s.node_id: s for s in all_specs()}
+
+
+# --- long videos ------------------------------------------------------------------------------------------------
+
+CONTEXT_SCHEDULES = ("standard_static", "standard_uniform", "looped_uniform", "batched")
+FUSE_METHODS = ("pyramid", "flat", "overlap-linear", "relative")
+FLOW_METHODS = ("dis", "farneback")
+
+CONTEXT_WINDOWS = NodeSpec(
+    node_id="ADL_ContextWindows",
+    display_name="Context Windows (Lightning)",
+    category=CAT_LONG_VIDEO,
+    description=(
+        "Samples videos longer than the motion module's 16-32 frames as overlapping windows that are blended "
+        "frame by frame. The windows are exactly those of ComfyUI's Context Windows and AnimateDiff-Evolved for "
+        "the same settings, so ported workflows behave the same. Unlike those, each window's ControlNet sees the "
+        "hint images of that window's own frames (core ControlNet Apply nodes work as they are), several windows "
+        "share one model call when memory allows, and FreeNoise is built in. Put it between Apply Motion Module "
+        "and the sampler; clips no longer than context_length are sampled exactly as without it."),
+    inputs=(
+        In("model", "MODEL", tooltip="The model from Apply Motion Module (the input model is left unchanged)."),
+        In("context_length", "INT", default=16, min=1, max=256, step=1,
+           tooltip="Frames per window. 16 is what AnimateDiff-Lightning was trained on; at most the module's "
+                   "limit (32)."),
+        In("context_overlap", "INT", default=4, min=0, max=255, step=1,
+           tooltip="Frames shared by neighbouring windows. More overlap blends windows more smoothly (fewer seams) "
+                   "at the cost of more windows per step; 4 is the usual choice."),
+        In("context_schedule", "COMBO", options=CONTEXT_SCHEDULES, default="standard_static",
+           tooltip="standard_static: the same windows every step. standard_uniform / looped_uniform: windows shift "
+                   "every step so seams move (looped wraps the end round to the start). batched: no overlap, "
+                   "fastest, visible seams."),
+        In("context_stride", "INT", default=1, min=1, max=16, step=1,
+           tooltip="Uniform schedules only: above 1 adds windows that take every 2nd, 4th, ... frame, for motion "
+                   "that spans windows. Keep 1 unless you know you want it."),
+        In("closed_loop", "BOOLEAN", default=False,
+           tooltip="looped_uniform only: add a window joining the last frames to the first, for seamless loops."),
+        In("fuse_method", "COMBO", options=FUSE_METHODS, default="pyramid",
+           tooltip="How overlapping windows are blended per frame. pyramid weights a window's middle frames most; "
+                   "flat averages; overlap-linear ramps over the overlap; relative weights by distance from the "
+                   "window's centre."),
+        In("freenoise", "BOOLEAN", default=True, optional=True,
+           tooltip="FreeNoise: later windows start from shuffled noise of earlier frames, so neighbouring windows "
+                   "agree better. Reproducible with the sampler's seed. Has no effect on clips within one window."),
+        In("max_windows_per_call", "INT", default=0, min=0, max=1024, step=1, optional=True, advanced=True,
+           tooltip="0 batches as many windows into one model call as free memory allows (fastest on a GPU). 1 runs "
+                   "windows one at a time like other packs; any other number caps the batch."),
+    ),
+    outputs=(Out("MODEL", "model", "The model with context windows; sample it with the Lightning Sampler or "
+                                   "KSampler."),),
+)
+
+VIDEO_METRICS = NodeSpec(
+    node_id="ADL_VideoMetrics",
+    display_name="Video Metrics (Lightning)",
+    category=CAT_ANALYSIS,
+    description=(
+        "Temporal-consistency numbers for a video, without any model download: flicker (frame-to-frame change of "
+        "mean brightness), optical-flow warping error (how badly each frame follows the motion, occlusions "
+        "masked) and the seam score of context windows (jumps where windows hand over, relative to frame steps "
+        "inside windows; about 1 means no visible seams). Shows a plot of both per frame. Compare runs of the same "
+        "prompt and seed: the values are regression signals, not absolute quality scores."),
+    inputs=(
+        In("images", "IMAGE", tooltip="The decoded video frames (VAE Decode output)."),
+        In("flow_method", "COMBO", options=FLOW_METHODS, default="dis",
+           tooltip="Optical flow for the warping error: dis (OpenCV DIS, fast and robust) or farneback."),
+        In("context_length", "INT", default=16, min=0, max=256, step=1,
+           tooltip="The Context Windows settings the video was sampled with, for the seam score; 0 skips the seam "
+                   "score."),
+        In("context_overlap", "INT", default=4, min=0, max=255, step=1,
+           tooltip="The context_overlap the video was sampled with (seam score only)."),
+        In("context_schedule", "COMBO", options=CONTEXT_SCHEDULES, default="standard_static",
+           tooltip="The context_schedule the video was sampled with (seam score only; uniform schedules move "
+                   "their windows every step, and the seams of the first step's windows are scored)."),
+        In("context_stride", "INT", default=1, min=1, max=16, step=1,
+           tooltip="The context_stride the video was sampled with (seam score only)."),
+        In("closed_loop", "BOOLEAN", default=False,
+           tooltip="The closed_loop setting the video was sampled with (seam score only)."),
+    ),
+    outputs=(
+        Out("FLOAT", "flicker", "Mean absolute change of mean luma between consecutive frames (0..1 scale)."),
+        Out("FLOAT", "warp_error", "Mean occlusion-masked optical-flow warping error (0..1 scale); NaN when the "
+                                   "frames are too small for optical flow."),
+        Out("FLOAT", "seam_score", "Frame-step energy at window borders divided by that inside windows; about 1 "
+                                   "means no seams. NaN without windows."),
+        Out("STRING", "report", "Every number, per frame and per transition, as JSON."),
+        Out("IMAGE", "plot", "Flicker and warping error per frame transition, window borders marked."),
+    ),
+    is_output_node=True,
+)
+
+LONG_VIDEO_NODES = (CONTEXT_WINDOWS, VIDEO_METRICS)
+

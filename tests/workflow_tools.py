@@ -117,8 +117,13 @@ def validate(workflow: dict, schemas: dict[str, NodeSchema]) -> list[str]:
             if s is None:
                 problems.append(f"{where}: no input named {inp['name']!r}")
                 continue
+            if inp.get("widget") is not None and inp["widget"] != {"name": inp["name"]}:
+                problems.append(f"{where}: input {inp['name']!r} names widget {inp['widget']}")
             if inp.get("link") is None:
                 continue
+            if s.widget and inp.get("widget") is None:
+                problems.append(f"{where}: input {inp['name']!r} is a widget; a link into it must be stored with "
+                                f"\"widget\": {{\"name\": \"{inp['name']}\"}}, as the frontend does")
             link = links.get(inp["link"])
             if link is None:
                 problems.append(f"{where}: input {inp['name']!r} refers to missing link {inp['link']}")
@@ -135,7 +140,7 @@ def validate(workflow: dict, schemas: dict[str, NodeSchema]) -> list[str]:
                                     f"{origin_node['type']}")
                     continue
                 out_type = origin_schema.outputs[origin_slot]
-                if not _types_match(out_type, s.type if not s.widget else s.type):
+                if not _types_match(out_type, s.type):
                     problems.append(f"{where}: input {inp['name']!r} ({s.type}) fed {out_type} from "
                                     f"{origin_node['type']}")
                 if not _types_match(link_type, out_type):
