@@ -11,7 +11,8 @@ from .specs import In, NodeSpec, Out
 _BUILTIN = {
     "MODEL": io.Model, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "SIGMAS": io.Sigmas,
     "IMAGE": io.Image, "MASK": io.Mask, "CONTROL_NET": io.ControlNet, "VAE": io.Vae, "CLIP": io.Clip,
-    "SAMPLER": io.Sampler, "NOISE": io.Noise, "GUIDER": io.Guider, "VIDEO": io.Video,
+    "SAMPLER": io.Sampler, "NOISE": io.Noise, "GUIDER": io.Guider, "VIDEO": io.Video, "INT": io.Int,
+    "FLOAT": io.Float, "STRING": io.String, "BOOLEAN": io.Boolean,
 }
 _CUSTOM: dict[str, type] = {}
 

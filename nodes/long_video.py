@@ -1,4 +1,4 @@
-"""Long-video nodes: Context Windows (Lightning) and Video Metrics."""
+"""Long-video nodes: Context Windows (Lightning), Video Metrics and Load Image Sequence."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from . import specs
+from . import image_sequence, specs
 from ._core import core
 from .comfy_schema import build_schema
 from .context_windows import ContextSettings, install
@@ -55,4 +55,29 @@ class VideoMetrics(io.ComfyNode):
                              json.dumps(report), plot, ui=ui.PreviewImage(plot, cls=cls))
 
 
-NODES = [ContextWindows, VideoMetrics]
+class LoadImageSequence(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return build_schema(specs.LOAD_IMAGE_SEQUENCE)
+
+    @classmethod
+    def _folder(cls, folder):
+        import folder_paths
+
+        return image_sequence.resolve_folder(folder, folder_paths.get_input_directory())
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, start=0, count=0, every_nth=1):
+        try:
+            return image_sequence.fingerprint(cls._folder(folder))
+        except Exception:  # a missing folder is reported by execute, with its message
+            return float("nan")
+
+    @classmethod
+    def execute(cls, folder, start=0, count=0, every_nth=1):
+        paths = image_sequence.frame_paths(cls._folder(folder), start, count, every_nth)
+        frames = torch.from_numpy(image_sequence.read_frames(paths))
+        return io.NodeOutput(frames, len(paths))
+
+
+NODES = [ContextWindows, VideoMetrics, LoadImageSequence]

@@ -286,5 +286,28 @@ VIDEO_METRICS = NodeSpec(
     is_output_node=True,
 )
 
-LONG_VIDEO_NODES = (CONTEXT_WINDOWS, VIDEO_METRICS)
+LOAD_IMAGE_SEQUENCE = NodeSpec(
+    node_id="ADL_LoadImageSequence",
+    display_name="Load Image Sequence (Lightning)",
+    category=CAT_LONG_VIDEO,
+    description=(
+        "Loads a folder of frames (pose renders, exported video frames) as one image batch in natural name order, "
+        "so pose_2.png comes before pose_10.png (ComfyUI's own folder loader keeps the file system's order, which "
+        "shuffles frames). Every frame is resized to the first one's size. Reloads when the folder changes."),
+    inputs=(
+        In("folder", "STRING", default="poses",
+           tooltip="A folder of .png/.jpg/.webp frames: absolute, or relative to ComfyUI's input folder "
+                   "(e.g. 'poses' for ComfyUI/input/poses)."),
+        In("start", "INT", default=0, min=0, max=1_000_000, step=1,
+           tooltip="Skip this many frames first (after sorting)."),
+        In("count", "INT", default=0, min=0, max=1_000_000, step=1,
+           tooltip="Load at most this many frames; 0 loads all. Match the source video's frame count."),
+        In("every_nth", "INT", default=1, min=1, max=1000, step=1,
+           tooltip="Take every n-th frame, e.g. 2 to halve a 30 fps sequence to 15 fps like the source video."),
+    ),
+    outputs=(Out("IMAGE", "images", "The frames as one batch, in name order."),
+             Out("INT", "count", "How many frames were loaded.")),
+)
+
+LONG_VIDEO_NODES = (CONTEXT_WINDOWS, VIDEO_METRICS, LOAD_IMAGE_SEQUENCE)
 

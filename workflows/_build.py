@@ -143,10 +143,9 @@ def vid2vid_pose_controlnet() -> Workflow:
     encode = w.node("VAEEncode", (340, 380), (280, 50), inputs={"pixels": (frames, 0), "vae": (ckpt, 2)})
     w.group("1. Source video", (0, 0, 640, 480))
     # 2. pose frames -> OpenPose ControlNet on both prompts
-    pose_video = w.node("LoadVideo", (680, 80), (300, 330), widgets={"file": "dance_pose.mp4"},
-                        title="Pose video (one pose frame per source frame)", color="#223")
-    pose = w.node("GetVideoComponents", (1000, 80), (300, 90), inputs={"video": (pose_video, 0)},
-                  title="Pose frames")
+    pose = w.node("ADL_LoadImageSequence", (680, 80), (300, 170),
+                  widgets={"folder": "dance_poses", "start": 0, "count": 0, "every_nth": 1},
+                  title="Pose frames (one per source frame)", color="#223")
     cnet = w.node("ControlNetLoader", (1000, 200), (300, 60),
                   widgets={"control_net_name": "control_v11p_sd15_openpose.pth"})
     pos = w.node("CLIPTextEncode", (370, 580), (400, 150), widgets={"text": VID2VID_PROMPT},
@@ -188,10 +187,10 @@ def vid2vid_pose_controlnet() -> Workflow:
     w.group("4. Sample, save, check seams", (1340, 0, 800, 1000), color="#b58b2a")
     w.note((1360, 600), "Video to video with OpenPose, any length.\n\n"
            "Source: pick it in Source video; size in Frames at SD1.5 size.\n\n"
-           "Poses, one per source frame: a pose video in the second Load Video (turn a folder of PNGs into one "
-           "with ffmpeg -i pose_%04d.png -crf 10 dance_pose.mp4: ComfyUI's folder loader does not keep name "
-           "order), or with comfyui_controlnet_aux: feed Frames at SD1.5 size through DWPose Estimator into "
-           "Apply ControlNet's image instead. Needs control_v11p_sd15_openpose.pth in models/controlnet.\n\n"
+           "Poses, one per source frame: a folder of pose images (ComfyUI/input/dance_poses, loaded in name "
+           "order), or, with comfyui_controlnet_aux installed, feed Frames at SD1.5 size through its DWPose "
+           "Estimator into Apply ControlNet's image instead (DWPose downloads its own weights on first use). "
+           "Needs control_v11p_sd15_openpose.pth in models/controlnet.\n\n"
            "Context Windows: 16-frame windows, overlap 4; each window's ControlNet sees its own poses.\n\n"
            "denoise 0.75 = 3 of the 4 Lightning steps (0.5 keeps more of the source). Output keeps the source's "
            "fps and audio. Try a few frames first: Image From Batch after both frame outputs (same settings).",

@@ -376,13 +376,16 @@ def test_vid2vid_workflow_runs_and_writes_a_video(comfy):
         poses.append(pose)
     token = uuid.uuid4().hex[:8]
     write_video(comfy.base / "input" / f"adl_src_{token}.mp4", source)
-    write_video(comfy.base / "input" / f"adl_pose_{token}.mp4", poses)
+    pose_dir = comfy.base / "input" / f"adl_poses_{token}"
+    pose_dir.mkdir(parents=True)
+    for f, pose in enumerate(poses):  # unpadded numbers: only a natural-order loader keeps them in sequence
+        cv2.imwrite(str(pose_dir / f"pose_{f}.png"), pose[:, :, ::-1])
 
     workflow = json.loads((REPO / "workflows" / "vid2vid_pose_controlnet.json").read_text())
     ids = {n.get("title", n["type"]): n["id"] for n in workflow["nodes"]}
     overrides = {
         (ids["Source video"], "file"): f"adl_src_{token}.mp4",
-        (ids["Pose video (one pose frame per source frame)"], "file"): f"adl_pose_{token}.mp4",
+        (ids["Pose frames (one per source frame)"], "folder"): pose_dir.name,
         ("ImageScale", "width"): SIZE, ("ImageScale", "height"): SIZE,
         ("CheckpointLoaderSimple", "ckpt_name"): SD15,
         ("ControlNetLoader", "control_net_name"): CONTROLNET,

@@ -1,0 +1,86 @@
+"""A folder of frames (pose renders, exported video frames) read in the order people number them.
+
+ComfyUI core's folder loader lists files in directory order, which scrambles ``pose_10.png`` before
+``pose_2.png`` on most file systems; a vid2vid ControlNet then gets its poses shuffled. Here names are sorted
+naturally (digit runs compare as numbers). Plain Python + OpenCV, tested in CI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ._core import core
+
+errors = core("errors")
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def resolve_folder(folder: str, input_dir: str | os.PathLike) -> Path:
+    path = Path(os.path.expanduser(folder.strip()))
+    if not path.is_absolute():
+        path = Path(input_dir) / path
+    if not path.is_dir():
+        raise errors.InvalidInputError(
+            f"Load Image Sequence: {path} is not a folder. Give a folder of frames, absolute or relative to "
+            f"ComfyUI's input folder ({input_dir}).")
+    return path
+
+
+def frame_paths(folder: Path, start: int = 0, count: int = 0, every_nth: int = 1) -> list[Path]:
+    """Image files of ``folder`` in natural name order, from ``start``, every ``every_nth``, at most ``count``."""
+    if start < 0 or count < 0 or every_nth < 1:
+        raise errors.InvalidInputError(f"Load Image Sequence: start ({start}) and count ({count}) must be >= 0 and "
+                                       f"every_nth ({every_nth}) >= 1")
+    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: natural_key(p.name))
+    chosen = files[start::every_nth]
+    if count:
+        chosen = chosen[:count]
+    if not chosen:
+        raise errors.InvalidInputError(
+            f"Load Image Sequence: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder} from frame {start} with "
+            f"every_nth {every_nth}; it holds {len(files)} image(s).")
+    return chosen
+
+
+def read_frames(paths: list[Path]) -> np.ndarray:
+    """``[F, H, W, 3]`` float32 RGB in 0..1 (ComfyUI's IMAGE layout); every frame resized to the first's size."""
+    import cv2
+
+    frames, size = [], None
+    for path in paths:
+        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise errors.InvalidInputError(f"Load Image Sequence: {path} is not a readable image")
+        scale = 65535.0 if image.dtype == np.uint16 else 255.0
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+        elif image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+        else:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        if size is None:
+            size = (image.shape[1], image.shape[0])
+        elif (image.shape[1], image.shape[0]) != size:
+            log.warning("[AnimateDiff-Lightning] %s is %dx%d, resized to the first frame's %dx%d", path.name,
+                        image.shape[1], image.shape[0], *size)
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        frames.append(image.astype(np.float32) / scale)
+    return np.stack(frames)
+
+
+def fingerprint(folder: Path) -> str:
+    """Changes whenever a frame is added, removed, renamed or rewritten, so ComfyUI reloads the folder."""
+    entries = sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    return repr(entries)
