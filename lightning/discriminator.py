@@ -1,0 +1,197 @@
+"""The flow-conditional video discriminator of AnimateDiff-Lightning §3.3 (SDXL-Lightning §3.3 for video).
+
+    D (x_t, x_{t-ns}, t, t-ns, c, i) = sigmoid(head(d(x_{t-ns}, t-ns, c, i), d(x_t, t, c, i)))
+    D'(x_{t-ns}, t-ns, c, i)         = sigmoid(head(d(x_{t-ns}, t-ns, c, i)))
+
+``d`` is a backbone - in the paper the AnimateDiff UNet's encoder and mid block (SD1.5 weights plus the
+v2 motion modules), trained whole - applied *independently* to the two inputs. The base-model index ``i``
+(which frozen base produced the flow) is a new learnable embedding added to the backbone's time embedding,
+so one discriminator can judge several bases' flows apart. The mid-block features of the two passes are
+concatenated on channels and reduced by 3-D convolutions (kernel 4, stride 2) with GroupNorm and SiLU to a
+single logit per clip. We return the logit; ``sigmoid(logit)`` is the probability that x_{t-ns} came from
+the teacher, and the losses in :mod:`lightning.distill` work on logits for numerical stability.
+
+The backbone is an interface (:class:`Backbone`): :class:`ToyBackbone` here for the toy world, the SD1.5
+encoder taken from ComfyUI's UNet in ``training/``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .errors import InvalidInputError
+from .motion_module import TemporalTransformer
+
+MAX_GROUPS = 32
+MIN_GROUP_CHANNELS = 16  # the head ends on 1x1x1 maps, where a group's statistics come from its channels alone
+
+
+class Backbone(Protocol):
+    """``backbone(x_in, timestep, cond, extra_embedding, video_length) -> [(clips*frames), C, h, w]``.
+
+    ``extra_embedding`` ``[(clips*frames), embedding_dim]`` is added to the backbone's time embedding
+    (where the UNet adds its class embedding). ``channels`` is C of the mid features.
+    """
+
+    channels: int
+    embedding_dim: int
+
+    def __call__(self, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any, extra_embedding: torch.Tensor,
+                 video_length: int) -> torch.Tensor: ...
+
+
+def groups_for(channels: int, min_channels: int = 1) -> int:
+    """The most GroupNorm groups (at most 32, the UNet's choice) dividing ``channels`` with ``min_channels`` each."""
+    fits = [g for g in range(1, MAX_GROUPS + 1) if channels % g == 0 and channels // g >= min_channels]
+    return max(fits, default=1)
+
+
+def _down(size: int) -> tuple[int, int, int]:
+    """Kernel, stride, padding along one axis: k4 s2 p1 halves it; an axis already at 1 is left alone."""
+    return (4, 2, 1) if size > 1 else (1, 1, 0)
+
+
+class ConvHead(nn.Module):
+    """3-D conv blocks (kernel 4, stride 2, GroupNorm, SiLU) over (frames, h, w) down to 1x1x1, then one logit.
+
+    Every block halves each axis that is still longer than one (sizes are rounded up), keeping the width.
+    For SD1.5 at 512x512, 16 frames: mid features 16x8x8 -> 8x4x4 -> 4x2x2 -> 2x1x1 -> 1x1x1. GroupNorm
+    groups keep at least ``MIN_GROUP_CHANNELS`` channels: on the final 1x1x1 maps a one-channel group would
+    normalise every value to zero and cut the logit off from the input (SD1.5's 32 groups of 80 are fine).
+    """
+
+    def __init__(self, in_channels: int, frames: int, height: int, width: int, channels: int | None = None):
+        super().__init__()
+        channels = channels or in_channels
+        blocks: list[nn.Module] = []
+        size = [frames, height, width]
+        c_in = in_channels
+        while max(size) > 1:
+            k, s, p = zip(*(_down(n) for n in size))
+            blocks += [nn.Conv3d(c_in, channels, kernel_size=k, stride=s, padding=p),
+                       nn.GroupNorm(groups_for(channels, MIN_GROUP_CHANNELS), channels), nn.SiLU()]
+            size = [(n + 2 * pi - ki) // si + 1 for n, ki, si, pi in zip(size, k, s, p)]
+            c_in = channels
+        self.blocks = nn.Sequential(*blocks)
+        self.to_logit = nn.Conv3d(c_in, 1, kernel_size=1)
+        self.input_size = (frames, height, width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``[clips, C, frames, h, w]`` -> ``[clips]`` logits."""
+        if tuple(features.shape[2:]) != self.input_size:
+            raise InvalidInputError(f"discriminator head was built for (frames, h, w) = {self.input_size}, "
+                                    f"got {tuple(features.shape[2:])}")
+        return self.to_logit(self.blocks(features)).flatten(1).squeeze(1)
+
+
+class FlowDiscriminator(nn.Module):
+    """D (``conditional=True``, sees x_t and x_{t-ns}) or D' (``conditional=False``, sees x_{t-ns} only).
+
+    ``feature_size`` = (frames, h, w) of the backbone's mid features for the clips it will judge.
+    """
+
+    def __init__(self, backbone: nn.Module, *, num_bases: int, feature_size: tuple[int, int, int],
+                 conditional: bool = True, head_channels: int | None = None):
+        super().__init__()
+        if num_bases < 1:
+            raise InvalidInputError(f"num_bases must be at least 1, got {num_bases}")
+        self.backbone = backbone
+        self.conditional = bool(conditional)
+        self.num_bases = int(num_bases)
+        self.base_embedding = nn.Embedding(num_bases, backbone.embedding_dim)
+        nn.init.zeros_(self.base_embedding.weight)  # starts as the backbone's own time embedding
+        passes = 2 if conditional else 1
+        frames, height, width = feature_size
+        self.frames = frames
+        self.head = ConvHead(passes * backbone.channels, frames, height, width, head_channels)
+
+    def features(self, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any, index) -> torch.Tensor:
+        """Backbone mid features as ``[clips, C, frames, h, w]``, with the base index in the time embedding."""
+        rows = x_in.shape[0]
+        index = torch.as_tensor(index, dtype=torch.long, device=x_in.device)
+        if index.ndim == 0:
+            index = index.expand(rows // self.frames)
+        if bool((index < 0).any()) or bool((index >= self.num_bases).any()):
+            raise InvalidInputError(f"base index must be in 0..{self.num_bases - 1}, got {index.tolist()}")
+        extra = self.base_embedding(index).repeat_interleave(self.frames, dim=0)
+        mid = self.backbone(x_in, timestep, cond, extra, self.frames)
+        clips = rows // self.frames
+        return mid.reshape(clips, self.frames, *mid.shape[1:]).transpose(1, 2)
+
+    def forward(self, x_next_in: torch.Tensor, t_next: torch.Tensor, cond: Any, index, *,
+                x_in: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit per clip that ``x_next_in`` (model input at ``t_next``) is the teacher's jump from ``x_in``."""
+        if x_next_in.shape[0] % self.frames:
+            raise InvalidInputError(f"discriminator input has {x_next_in.shape[0]} frames, not a whole number of "
+                                    f"{self.frames}-frame clips")
+        feats = [self.features(x_next_in, t_next, cond, index)]
+        if self.conditional:
+            if x_in is None or t is None:
+                raise InvalidInputError("the conditional discriminator D needs x_in and t (the jump's start)")
+            feats.append(self.features(x_in, t, cond, index))
+        return self.head(torch.cat(feats, dim=1))
+
+
+# --- the toy world's backbone ---------------------------------------------------------------------------
+
+def timestep_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (continuous) timesteps, cos first as in the SD UNet."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(timestep.device)
+    args = timestep.to(torch.float32)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ToyBackbone(nn.Module):
+    """The toy world's D backbone: a trainable copy of a toy base's encoder, then a motion module.
+
+    As the paper starts D from the base UNet's encoder (it already knows what the data looks like at every
+    noise level), this starts from a :class:`~lightning.toy.models.ToyBase`'s encoder: the per-frame
+    evidence for each motion template at the input's noise level, lifted to ``width`` channels by a copy
+    of the base's lift; then the time + base-index embedding is added and a temporal transformer runs over
+    the frames of each template "pixel". Templates, lift and all the rest are trained.
+    Shapes: ``[(clips*frames), C, s, s]`` -> ``[(clips*frames), width, K, 1]`` (K templates).
+    """
+
+    def __init__(self, base, *, heads: int = 4):
+        super().__init__()
+        templates = base.templates.detach()
+        if templates.ndim != 3:
+            raise InvalidInputError(f"templates must be [K, frames, frame_dim], got {list(templates.shape)}")
+        width = base.lift.shape[0]
+        self.channels = width
+        self.embedding_dim = width
+        self.spread = float(base.mixture.spread)
+        self.register_buffer("template_scale", base.template_scale.detach().to(torch.float32).clone())
+        self.templates = nn.Parameter(templates.to(torch.float32).clone())
+        self.lift = nn.Parameter(base.lift.detach().to(torch.float32).clone())
+        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        # zero_init=False: a discriminator starts from random weights, not from an identity module
+        self.motion = TemporalTransformer(width, heads=heads, norm_groups=groups_for(width), zero_init=False)
+
+    def forward(self, x_in, timestep, cond, extra_embedding, video_length):
+        from .toy.models import encoder_features, frame_evidence
+        from .toy.world import sigma_of
+
+        k, frames, dim = self.templates.shape
+        if video_length != frames or x_in[0].numel() != dim:
+            raise InvalidInputError(f"toy backbone was built for {frames}-frame clips of {dim} values per frame, "
+                                    f"got video_length={video_length}, frame shape {list(x_in.shape[1:])}")
+        clips = x_in.shape[0] // frames
+        sigma = sigma_of(timestep.reshape(clips, frames)[:, 0]).to(torch.float32)
+        evidence = frame_evidence(x_in.reshape(clips, frames, dim).float(), sigma, self.templates, self.spread)
+        raw, _ = encoder_features(evidence, sigma, self.spread, self.template_scale)
+        emb = self.time(timestep_embedding(timestep, self.channels)) + extra_embedding  # [(clips*frames), width]
+        h = (raw @ self.lift.T).reshape(clips * frames, k, self.channels) + emb[:, None, :]
+        return self.motion(h.transpose(1, 2).unsqueeze(-1).contiguous(), video_length)
+
+
+def toy_discriminator(conditional: bool, *, base, num_bases: int) -> FlowDiscriminator:
+    """D or D' for toy-world clips, its backbone started from ``base``'s encoder (a ``ToyBase``)."""
+    k, frames, _ = base.templates.shape
+    return FlowDiscriminator(ToyBackbone(base), num_bases=num_bases, feature_size=(frames, k, 1),
+                             conditional=conditional)
