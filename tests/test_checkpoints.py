@@ -1,6 +1,5 @@
 """Motion-module files: every real layout loads, round trips are lossless, wrong files are refused clearly."""
 
-import math
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from lightning.checkpoints import (detect, diffusers_layout, load_motion_module,
 from lightning.errors import InvalidInputError, MotionModuleFileError
 from lightning.motion_module import MotionModuleSet
 from lightning.testing import motion as fixtures
+from lightning.testing.motion import randomised
 
 TINY = fixtures.TINY_CHANNELS
 
@@ -87,16 +87,7 @@ def _random_adapter(channels, *, mid=True, seed=0):
 
     adapter = MotionAdapter(block_out_channels=channels, motion_norm_num_groups=32, motion_num_attention_heads=8,
                             motion_max_seq_length=32, use_motion_mid_block=mid)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return adapter.eval()
+    return randomised(adapter, seed).eval()
 
 
 def _diffusers_modules(adapter):

@@ -7,20 +7,9 @@ import torch
 
 from lightning.errors import InvalidInputError, LightningError
 from lightning.motion_module import MotionModuleSet, TemporalTransformer, sinusoidal_positions
+from lightning.testing.motion import randomised
 
 
-def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights everywhere (fresh modules are identities because proj_out is zero)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def equations(x, module: TemporalTransformer, frames: int, *, scale=1.0, across_frames=False):

@@ -102,6 +102,21 @@ def motion_lora_state_dict(*, channels=TINY_CHANNELS, has_mid: bool = True, rank
 
 # --- writing --------------------------------------------------------------------------------------------
 
+
+def randomised(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial weights everywhere, in place: a fresh motion module is an identity (zero proj_out), which
+    would let a wrong implementation pass a parity test."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return module
+
 def save_tensors(tensors: Mapping[str, object], path, *, metadata: Mapping[str, str] | None = None) -> Path:
     """Write a dict as ``.safetensors`` or (any other suffix) a torch pickle, atomically."""
     from safetensors.torch import save_file
