@@ -34,11 +34,14 @@ from graphs import LIGHTNING_4STEP, base, ksampler, lightning_sampler, save_late
 PROBE = textwrap.dedent('''
     """Benchmark probe: counts diffusion-model calls of the MODEL passed through it (written by the benchmark)."""
     import logging
+    import time
     import comfy.patcher_extension
 
     def _count(executor, x, *args, **kwargs):
-        logging.warning("[adl-bench-probe] unet call rows=%d", x.shape[0])
-        return executor(x, *args, **kwargs)
+        start = time.perf_counter()
+        out = executor(x, *args, **kwargs)
+        logging.warning("[adl-bench-probe] unet call rows=%d seconds=%.4f", x.shape[0], time.perf_counter() - start)
+        return out
 
     class CountUNetCalls:
         @classmethod
@@ -102,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--classic-steps", type=int, default=25)
     ap.add_argument("--classic-cfg", type=float, default=7.5)
+    ap.add_argument("--graphs", nargs="+", default=["ours", "classic", "evolved"],
+                    help="which graphs to run (ours is always run; ratios are printed for those present)")
     args = ap.parse_args(argv)
     comfy = comfyui_path()
     if comfy is None:
@@ -116,28 +121,39 @@ def main(argv=None) -> int:
     server = ComfyServer(comfy, base_dir, extra_custom_nodes=extra, models=fixture_models()).start()
     try:
         evolved = "ADE_AnimateDiffLoaderGen1" in server.object_info()
-        results = {}
-        for name, build in graphs(args, evolved).items():
+        builders = {name: build for name, build in graphs(args, evolved).items()
+                    if name == "ours" or name in args.graphs}
+        for name, build in builders.items():
             server.run(save_latent(build(seed=1000, warm=True), f"bench/{name}_warmup"))  # loads the models
-            times, calls, rows = [], [], []
-            for r in range(args.repeats):
+        samples = {name: ([], [], [], []) for name in builders}
+        for r in range(args.repeats):  # graphs interleaved, so drift in machine load hits all of them alike
+            for name, build in builders.items():
                 before = server.log().count("[adl-bench-probe] unet call")
                 result = server.run(save_latent(build(seed=2000 + r), f"bench/{name}_{r}"))
-                log = server.log()
-                lines = [ln for ln in log.splitlines() if "[adl-bench-probe] unet call" in ln][before:]
+                lines = [ln for ln in server.log().splitlines() if "[adl-bench-probe] unet call" in ln][before:]
+                times, calls, rows, unet = samples[name]
                 times.append(execution_seconds(server, result.prompt_id))
                 calls.append(len(lines))
-                rows.append(sum(int(ln.rsplit("rows=", 1)[1]) for ln in lines))
-            results[name] = (statistics.median(times), statistics.median(calls), statistics.median(rows))
+                rows.append(sum(int(ln.split("rows=", 1)[1].split()[0]) for ln in lines))
+                unet.append(sum(float(ln.rsplit("seconds=", 1)[1]) for ln in lines))
+        results = {}
+        for name, (times, calls, rows, unet) in samples.items():
+            outside = [t - u for t, u in zip(times, unet)]
+            results[name] = tuple(statistics.median(v) for v in (times, calls, rows, unet, outside))
             print(f"{name:8s} wall {results[name][0]:8.1f} s   UNet calls {results[name][1]:4.0f}   "
-                  f"UNet rows {results[name][2]:6.0f}   ({args.repeats} runs: {', '.join(f'{t:.1f}' for t in times)})")
+                  f"UNet rows {results[name][2]:6.0f}   in the UNet {results[name][3]:7.1f} s   "
+                  f"outside it {results[name][4]:5.2f} s   "
+                  f"({args.repeats} runs: {', '.join(f'{t:.1f}' for t in times)})")
         print(f"\n{args.frames} frames at {args.size}x{args.size} px, ComfyUI --cpu, classic = {args.classic_steps} "
               f"steps cfg {args.classic_cfg} via {'Evolved' if evolved else 'our nodes'}")
-        o, c = results["ours"], results["classic"]
-        print(f"ours / classic: wall {o[0] / c[0]:.3f}   UNet calls {o[1] / c[1]:.3f}   UNet rows {o[2] / c[2]:.3f}")
+        o = results["ours"]
+        if "classic" in results:
+            c = results["classic"]
+            print(f"ours / classic: wall {o[0] / c[0]:.3f}   UNet calls {o[1] / c[1]:.3f}   UNet rows {o[2] / c[2]:.3f}")
         if "evolved" in results:
             e = results["evolved"]
-            print(f"ours / evolved 4-step: wall {o[0] / e[0]:.3f}   UNet calls {o[1] / e[1]:.3f}  (target <= 1.0)")
+            print(f"ours / evolved 4-step: wall {o[0] / e[0]:.3f}   UNet time {o[3] / e[3]:.3f}   UNet calls "
+                  f"{o[1] / e[1]:.3f}  (target <= 1.0); outside the UNet ours {o[4]:.2f} s, evolved {e[4]:.2f} s")
     finally:
         server.stop()
     return 0
