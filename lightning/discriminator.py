@@ -11,20 +11,18 @@ concatenated on channels and reduced by 3-D convolutions (kernel 4, stride 2) wi
 single logit per clip. We return the logit; ``sigmoid(logit)`` is the probability that x_{t-ns} came from
 the teacher, and the losses in :mod:`lightning.distill` work on logits for numerical stability.
 
-The backbone is an interface (:class:`Backbone`): :class:`ToyBackbone` here for the toy world, the SD1.5
-encoder taken from ComfyUI's UNet in ``training/``.
+The backbone is an interface (:class:`Backbone`): :class:`lightning.toy.critic.ToyBackbone` for the toy world,
+the SD1.5 encoder taken from ComfyUI's UNet in ``training/``.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from .errors import InvalidInputError
-from .motion_module import TemporalTransformer
 
 MAX_GROUPS = 32
 MIN_GROUP_CHANNELS = 16  # the head ends on 1x1x1 maps, where a group's statistics come from its channels alone
@@ -134,64 +132,3 @@ class FlowDiscriminator(nn.Module):
                 raise InvalidInputError("the conditional discriminator D needs x_in and t (the jump's start)")
             feats.append(self.features(x_in, t, cond, index))
         return self.head(torch.cat(feats, dim=1))
-
-
-# --- the toy world's backbone ---------------------------------------------------------------------------
-
-def timestep_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (continuous) timesteps, cos first as in the SD UNet."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(timestep.device)
-    args = timestep.to(torch.float32)[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class ToyBackbone(nn.Module):
-    """The toy world's D backbone: a trainable copy of a toy base's encoder, then a motion module.
-
-    As the paper starts D from the base UNet's encoder (it already knows what the data looks like at every
-    noise level), this starts from a :class:`~lightning.toy.models.ToyBase`'s encoder: the per-frame
-    evidence for each motion template at the input's noise level, lifted to ``width`` channels by a copy
-    of the base's lift; then the time + base-index embedding is added and a temporal transformer runs over
-    the frames of each template "pixel". Templates, lift and all the rest are trained.
-    Shapes: ``[(clips*frames), C, s, s]`` -> ``[(clips*frames), width, K, 1]`` (K templates).
-    """
-
-    def __init__(self, base, *, heads: int = 4):
-        super().__init__()
-        templates = base.templates.detach()
-        if templates.ndim != 3:
-            raise InvalidInputError(f"templates must be [K, frames, frame_dim], got {list(templates.shape)}")
-        width = base.lift.shape[0]
-        self.channels = width
-        self.embedding_dim = width
-        self.spread = float(base.mixture.spread)
-        self.register_buffer("template_scale", base.template_scale.detach().to(torch.float32).clone())
-        self.templates = nn.Parameter(templates.to(torch.float32).clone())
-        self.lift = nn.Parameter(base.lift.detach().to(torch.float32).clone())
-        self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        # zero_init=False: a discriminator starts from random weights, not from an identity module
-        self.motion = TemporalTransformer(width, heads=heads, norm_groups=groups_for(width), zero_init=False)
-
-    def forward(self, x_in, timestep, cond, extra_embedding, video_length):
-        from .toy.models import encoder_features, frame_evidence
-        from .toy.world import sigma_of
-
-        k, frames, dim = self.templates.shape
-        if video_length != frames or x_in[0].numel() != dim:
-            raise InvalidInputError(f"toy backbone was built for {frames}-frame clips of {dim} values per frame, "
-                                    f"got video_length={video_length}, frame shape {list(x_in.shape[1:])}")
-        clips = x_in.shape[0] // frames
-        sigma = sigma_of(timestep.reshape(clips, frames)[:, 0]).to(torch.float32)
-        evidence = frame_evidence(x_in.reshape(clips, frames, dim).float(), sigma, self.templates, self.spread)
-        raw, _ = encoder_features(evidence, sigma, self.spread, self.template_scale)
-        emb = self.time(timestep_embedding(timestep, self.channels)) + extra_embedding  # [(clips*frames), width]
-        h = (raw @ self.lift.T).reshape(clips * frames, k, self.channels) + emb[:, None, :]
-        return self.motion(h.transpose(1, 2).unsqueeze(-1).contiguous(), video_length)
-
-
-def toy_discriminator(conditional: bool, *, base, num_bases: int) -> FlowDiscriminator:
-    """D or D' for toy-world clips, its backbone started from ``base``'s encoder (a ``ToyBase``)."""
-    k, frames, _ = base.templates.shape
-    return FlowDiscriminator(ToyBackbone(base), num_bases=num_bases, feature_size=(frames, k, 1),
-                             conditional=conditional)

@@ -29,10 +29,14 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; when the block ends normally it becomes ``path``."""
+    """Yield a temporary path next to ``path``; when the block ends normally it becomes ``path``.
+
+    The temporary keeps ``path``'s extension, because some writers (OpenCV's VideoWriter) choose the format
+    from it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.partial{path.suffix}")
     try:
         yield temporary
         if not temporary.exists():

@@ -4,14 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from lightning.discriminator import (
-    ConvHead,
-    FlowDiscriminator,
-    ToyBackbone,
-    groups_for,
-    toy_discriminator,
-)
+from lightning.discriminator import ConvHead, FlowDiscriminator, groups_for
 from lightning.errors import InvalidInputError
+from lightning.toy.critic import ToyBackbone, toy_discriminator
 from lightning.toy.models import ToyBase
 from lightning.toy.world import ToyWorld
 

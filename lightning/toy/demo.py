@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from .. import distill, sampling, schedule
-from ..discriminator import toy_discriminator
 from ..errors import InvalidInputError
+from ..files import atomic_output
 from . import measures
+from .critic import toy_discriminator
 from .models import make_bases, make_motion_module
 from .world import ToyWorld, WorldConfig
 
@@ -249,18 +250,17 @@ def write_video(frames_rgb: np.ndarray, path: Path, fps: int = 4, loops: int = 3
     """mp4 (MPEG-4 part 2, ``mp4v``): the codec opencv-python's bundled FFmpeg writes headless everywhere."""
     import cv2
 
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     h, w = frames_rgb.shape[1:3]
-    writer = cv2.VideoWriter(str(temporary), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    if not writer.isOpened():
-        raise OSError(f"OpenCV cannot write an mp4v video to {os.fspath(temporary)!r}")
-    try:
-        for _ in range(loops):
-            for frame in frames_rgb:
-                writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
-    finally:
-        writer.release()
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        writer = cv2.VideoWriter(str(temporary), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        if not writer.isOpened():
+            raise OSError(f"OpenCV cannot write an mp4v video to {os.fspath(temporary)!r}")
+        try:
+            for _ in range(loops):
+                for frame in frames_rgb:
+                    writer.write(np.ascontiguousarray(frame[:, :, ::-1]))
+        finally:
+            writer.release()
     return path
 
 
@@ -270,18 +270,9 @@ def write_png(image_rgb: np.ndarray, path: Path) -> Path:
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image_rgb[:, :, ::-1]))
     if not ok:
         raise OSError(f"OpenCV could not encode {os.fspath(path)!r}")
-    _write_bytes(path, encoded.tobytes())
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(encoded.tobytes())
     return path
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _smooth(values, window: int = 10):
@@ -350,7 +341,8 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, echo=print) -> dict:
            "seconds": {"train": round(trained - start, 1), "evaluate": round(evaluated - trained, 1),
                        "outputs": round(finished - evaluated, 1), "total": round(finished - start, 1)}}
     metrics = metrics_json(per_style, config.seen_styles, run)
-    _write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    with atomic_output(out / "metrics.json") as temporary:
+        temporary.write_text(json.dumps(metrics, indent=2) + "\n")
     echo(format_table(metrics, config.seen_styles, config.held_out_styles))
     echo(f"run time {run['seconds']['total']:.0f} s (train {run['seconds']['train']:.0f} s, evaluate "
          f"{run['seconds']['evaluate']:.0f} s, outputs {run['seconds']['outputs']:.0f} s); wrote {os.fspath(out)}")
