@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 from typing import Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 
 from .errors import InvalidInputError
+from .opencv import require_cv2
 
 # Rec. 601 luma on the gamma-encoded values, i.e. exactly OpenCV's RGB2GRAY. The same luma feeds the flow
 # estimators, so "brightness" means one thing across every metric here. The weights sum to 1, so adding a
@@ -149,6 +149,7 @@ def optical_flow(prev_gray: np.ndarray, next_gray: np.ndarray, method: str = "di
     if min(a.shape) < _MIN_FLOW_SIDE:
         raise InvalidInputError(f"frames of {a.shape[1]}x{a.shape[0]} are too small for optical flow; "
                          f"both sides must be at least {_MIN_FLOW_SIDE} pixels")
+    cv2 = require_cv2("optical flow (video metrics)")
     if method == "dis":
         dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
         return dis.calc(a, b, None)
@@ -168,6 +169,7 @@ def backward_warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
     Positions outside the image repeat the border; callers mask them (see ``occlusion_mask``).
     """
     map_x, map_y = _sample_grid(flow)
+    cv2 = require_cv2("warping (video metrics)")
     return cv2.remap(image, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -199,6 +201,7 @@ def occlusion_mask(flow_fw: np.ndarray, flow_bw: np.ndarray, motion_boundaries: 
         raise InvalidInputError(f"occlusion_mask needs two [H, W, 2] flows of one shape; got {flow_fw.shape} and {flow_bw.shape}")
     h, w = flow_fw.shape[:2]
     map_x, map_y = _sample_grid(flow_fw)
+    cv2 = require_cv2("occlusion masks (video metrics)")
     bw_at = cv2.remap(flow_bw, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     fw_sq = (flow_fw ** 2).sum(axis=-1)
     loop_sq = ((flow_fw + bw_at) ** 2).sum(axis=-1)
@@ -345,40 +348,13 @@ def seam_score(frames, windows) -> dict:
 # ------------------------------------------------------------------------------------------------- plot
 
 # Colour-blind-friendly qualitative palette (Okabe-Ito), RGB.
-_PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
-            (240, 228, 66), (0, 0, 0)]
-_MARK_COLOUR = (150, 150, 150)
-_AXIS_COLOUR = (60, 60, 60)
-_GRID_COLOUR = (228, 228, 228)
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_SUBPIXEL_BITS = 4  # cv2 drawing with fractional coordinates: points are scaled by 2**4
-
-
-def _nice_step(span: float, target: int) -> float:
-    raw = span / max(target, 1)
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    for factor in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if factor * magnitude >= raw:
-            return factor * magnitude
-    return 10.0 * magnitude
-
-
-def _ticks(lo: float, hi: float, target: int, integer: bool = False) -> list[float]:
-    step = _nice_step(hi - lo, target)
-    if integer:
-        step = max(1.0, math.ceil(step))
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    v = first
-    while v <= hi + step * 1e-9:
-        ticks.append(0.0 if abs(v) < step * 1e-9 else v)
-        v += step
-    return ticks
-
-
-def _ascii(text: str) -> str:
-    """Hershey fonts only draw ASCII."""
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in str(text))
+PALETTE = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233),
+           (240, 228, 66), (0, 0, 0)]
+MARK_COLOUR = (150, 150, 150)
+_DPI = 100
+# Dots on every point make single points (a finite value between two gaps) visible; past this many points
+# they would merge into a thick line.
+_MAX_DOTTED_POINTS = 64
 
 
 def _as_values(name: str, values) -> np.ndarray:
@@ -396,14 +372,27 @@ def _as_values(name: str, values) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def plot_series(series: Mapping[str, Sequence[float | None]], title: str = "", size: tuple[int, int] = (640, 360),
-                marks: Sequence[float] | None = None) -> np.ndarray:
-    """A line plot drawn with OpenCV: ``uint8 [H, W, 3]`` RGB, where ``size`` is ``(width, height)``.
+def _y_limits(data: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    """From 0 when nothing is negative (a bar of flicker reads as its size), with headroom for the legend."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in data.values()] + [np.zeros(0)])
+    if finite.size == 0:
+        return 0.0, 1.0
+    y_lo, y_hi = float(finite.min()), float(finite.max())
+    if y_lo >= 0:
+        y_lo = 0.0
+    if y_hi - y_lo < 1e-12:
+        pad = abs(y_hi) * 0.1 or 1.0
+        y_lo, y_hi = (0.0 if y_lo >= 0 else y_lo - pad), y_hi + pad
+    return y_lo, y_hi + 0.08 * (y_hi - y_lo) * (1 + len(data))
 
-    Each series is plotted against its index (0, 1, ...) with its own colour and a legend entry; ``None``,
-    NaN or inf leave a gap. ``marks`` are x positions drawn as dashed grey vertical lines (e.g. the window
-    border transitions). Non-negative data are drawn from 0, so the height of a bar of flicker reads as its
-    size. No matplotlib: this is what the node shows as an image.
+
+def series_figure(series: Mapping[str, Sequence[float | None]], title: str = "", size: tuple[int, int] = (640, 360),
+                  marks: Sequence[float] | None = None):
+    """The matplotlib ``Figure`` that ``plot_series`` renders (same arguments), not yet drawn.
+
+    Each series is a line against its index (0, 1, ...) labelled with its name; ``None``, NaN or inf leave
+    a gap. ``marks`` are dashed grey vertical lines. The figure has its own Agg canvas and never touches
+    pyplot's global state, so nodes running in ComfyUI's worker thread cannot interfere with each other.
     """
     if not isinstance(series, Mapping) or len(series) == 0:
         raise InvalidInputError("plot_series needs a non-empty dict {name: values}")
@@ -421,121 +410,56 @@ def plot_series(series: Mapping[str, Sequence[float | None]], title: str = "", s
     if any(not math.isfinite(m) for m in mark_xs):
         raise InvalidInputError(f"marks must be finite x positions; got {list(marks)!r}")
 
-    scale = max(0.5, min(width / 640.0, height / 360.0))
-    font = 0.42 * scale
-    thick = max(1, round(scale))
-    text_h = cv2.getTextSize("0", _FONT, font, thick)[0][1]
+    # Imported here: only a plot needs matplotlib, and importing it costs more than the metrics themselves.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    # x range: every index of every series, and every mark.
-    longest = max((v.size for v in data.values()), default=0)
-    xs_all = [0.0, max(longest - 1, 0)] + mark_xs
-    x_lo, x_hi = min(xs_all), max(xs_all)
+    scale = max(0.5, min(width / 640.0, height / 360.0))
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for m in mark_xs:
+        ax.axvline(m, color=np.divide(MARK_COLOUR, 255), linestyle="--", linewidth=scale, zorder=1, label="_mark")
+    for k, (name, values) in enumerate(data.items()):
+        with np.errstate(invalid="ignore"):
+            shown = np.where(np.isfinite(values), values, np.nan)
+        ax.plot(np.arange(values.size), shown, color=np.divide(PALETTE[k % len(PALETTE)], 255),
+                linewidth=2 * scale, marker="o" if values.size <= _MAX_DOTTED_POINTS else None,
+                markersize=5 * scale, label=name[:40], zorder=3)
+    longest = max(v.size for v in data.values())
+    x_lo, x_hi = min([0.0] + mark_xs), max([float(max(longest - 1, 0))] + mark_xs)
     if x_hi - x_lo < 1e-9:
         x_lo, x_hi = x_lo - 0.5, x_hi + 0.5
-    x_pad = 0.02 * (x_hi - x_lo)  # keeps the end points and marks off the axis line
-    x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
-    # y range: finite data, from 0 when nothing is negative, with headroom for the legend.
-    finite = np.concatenate([v[np.isfinite(v)] for v in data.values()] + [np.zeros(0)])
-    if finite.size == 0:
-        y_lo, y_hi = 0.0, 1.0
-    else:
-        y_lo, y_hi = float(finite.min()), float(finite.max())
-        if y_lo >= 0:
-            y_lo = 0.0
-        if y_hi - y_lo < 1e-12:
-            pad = abs(y_hi) * 0.1 or 1.0
-            y_lo, y_hi = (0.0 if y_lo >= 0 else y_lo - pad), y_hi + pad
-        y_hi += 0.08 * (y_hi - y_lo) * (1 + len(data))
-
-    y_ticks = _ticks(y_lo, y_hi, 5)
-    y_labels = [f"{v:.3g}" for v in y_ticks]
-    label_w = max(cv2.getTextSize(s, _FONT, font, thick)[0][0] for s in y_labels) if y_labels else 0
-    left = label_w + int(14 * scale)
-    right = int(14 * scale)
-    top = int((text_h * 2.6) if title else 12 * scale)
-    bottom = int(text_h * 3.2)
-    pw, ph = width - left - right, height - top - bottom
-    if pw < 40 or ph < 40:
-        raise InvalidInputError(f"size {width}x{height} leaves no room for the plot area; make it larger")
-
-    def px(x: float) -> float:
-        return left + (x - x_lo) / (x_hi - x_lo) * pw
-
-    def py(y: float) -> float:
-        return top + ph - (y - y_lo) / (y_hi - y_lo) * ph
-
-    def point(x: float, y: float) -> tuple[int, int]:
-        return (int(round(px(x) * (1 << _SUBPIXEL_BITS))), int(round(py(y) * (1 << _SUBPIXEL_BITS))))
-
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-
-    # Grid and tick labels.
-    for v, label in zip(y_ticks, y_labels):
-        y = int(round(py(v)))
-        cv2.line(img, (left, y), (left + pw, y), _GRID_COLOUR, 1)
-        (tw, th), _ = cv2.getTextSize(label, _FONT, font, thick)
-        cv2.putText(img, label, (left - tw - int(6 * scale), y + th // 2), _FONT, font, _AXIS_COLOUR, thick, cv2.LINE_AA)
-    for v in _ticks(x_lo, x_hi, 8, integer=True):
-        x = int(round(px(v)))
-        cv2.line(img, (x, top + ph), (x, top + ph + int(4 * scale)), _AXIS_COLOUR, thick)
-        label = f"{v:.0f}"
-        (tw, th), _ = cv2.getTextSize(label, _FONT, font, thick)
-        cv2.putText(img, label, (x - tw // 2, top + ph + int(6 * scale) + th), _FONT, font, _AXIS_COLOUR, thick,
-                    cv2.LINE_AA)
-
-    # Marks: dashed, under the data.
-    dash = max(3, int(6 * scale))
-    for m in mark_xs:
-        x = int(round(px(m)))
-        for y0 in range(top, top + ph, 2 * dash):
-            cv2.line(img, (x, y0), (x, min(y0 + dash, top + ph)), _MARK_COLOUR, thick)
-
-    # Axes.
-    cv2.line(img, (left, top), (left, top + ph), _AXIS_COLOUR, thick)
-    cv2.line(img, (left, top + ph), (left + pw, top + ph), _AXIS_COLOUR, thick)
-
-    # Data: polylines over each finite run, a dot on every point (a run can be a single point).
-    line_w = max(1, round(2 * scale))
-    dot_r = max(3, round(3.5 * scale)) << _SUBPIXEL_BITS
-    for k, values in enumerate(data.values()):
-        colour = _PALETTE[k % len(_PALETTE)]
-        ok = np.isfinite(values)
-        run: list[tuple[int, int]] = []
-        for i, v in enumerate(values):
-            if ok[i]:
-                run.append(point(i, v))
-            if (not ok[i] or i == values.size - 1) and run:
-                if len(run) > 1:
-                    cv2.polylines(img, [np.asarray(run, dtype=np.int32)], False, colour, line_w, cv2.LINE_AA,
-                                  _SUBPIXEL_BITS)
-                run = []
-        if values.size <= 64:
-            for i in np.flatnonzero(ok):
-                cv2.circle(img, point(i, values[i]), dot_r, colour, -1, cv2.LINE_AA, _SUBPIXEL_BITS)
-
-    # Legend, top right inside the plot area.
-    names = [_ascii(n)[:40] for n in data]
-    swatch = int(18 * scale)
-    gap = int(6 * scale)
-    row_h = text_h + int(8 * scale)
-    name_w = max(cv2.getTextSize(n, _FONT, font, thick)[0][0] for n in names)
-    box_w, box_h = swatch + 3 * gap + name_w, row_h * len(names) + gap
-    bx1, by0 = left + pw - gap, top + gap
-    bx0, by1 = bx1 - box_w, by0 + box_h
-    cv2.rectangle(img, (bx0, by0), (bx1, by1), (255, 255, 255), -1)
-    cv2.rectangle(img, (bx0, by0), (bx1, by1), _GRID_COLOUR, 1)
-    for k, name in enumerate(names):
-        cy = by0 + gap + k * row_h + row_h // 2
-        cv2.line(img, (bx0 + gap, cy), (bx0 + gap + swatch, cy), _PALETTE[k % len(_PALETTE)], line_w, cv2.LINE_AA)
-        cv2.putText(img, name, (bx0 + 2 * gap + swatch, cy + text_h // 2), _FONT, font, _AXIS_COLOUR, thick,
-                    cv2.LINE_AA)
-
+    x_pad = 0.02 * (x_hi - x_lo)  # keeps the end points and marks off the frame
+    ax.set_xlim(x_lo - x_pad, x_hi + x_pad)
+    ax.set_ylim(*_y_limits(data))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.grid(axis="y", color="#e4e4e4", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.tick_params(labelsize=8 * scale)
+    ax.legend(loc="upper right", fontsize=8 * scale, frameon=True)
     if title:
-        text = _ascii(title)
-        (tw, th), _ = cv2.getTextSize(text, _FONT, font * 1.15, thick)
-        cv2.putText(img, text, (max(2, (width - tw) // 2), int(text_h * 1.8)), _FONT, font * 1.15, (0, 0, 0), thick,
-                    cv2.LINE_AA)
-    return img
+        ax.set_title(title, fontsize=9.5 * scale)
+    fig.tight_layout(pad=0.4)
+    return fig
+
+
+def render(fig) -> np.ndarray:
+    """A figure drawn by Agg as ``uint8 [H, W, 3]`` RGB."""
+    canvas = fig.canvas
+    canvas.draw()
+    return np.array(canvas.buffer_rgba())[..., :3]
+
+
+def plot_series(series: Mapping[str, Sequence[float | None]], title: str = "", size: tuple[int, int] = (640, 360),
+                marks: Sequence[float] | None = None) -> np.ndarray:
+    """A line plot as ``uint8 [H, W, 3]`` RGB, where ``size`` is ``(width, height)``: what a node shows as an image.
+
+    See ``series_figure`` for what is drawn. Non-negative data are drawn from 0, so the height of a point
+    of flicker reads as its size.
+    """
+    return render(series_figure(series, title, size, marks))
 
 
 # ---------------------------------------------------------------------------------------------- bundle
@@ -564,8 +488,8 @@ def video_metrics(frames, windows=None, method: str | Callable[[np.ndarray, np.n
     }
 
 
-def plot_video_metrics(metrics: Mapping, size: tuple[int, int] = (640, 360)) -> np.ndarray:
-    """The plot a metrics node shows: flicker and warping error per transition, window borders marked."""
+def video_metrics_figure(metrics: Mapping, size: tuple[int, int] = (640, 360)):
+    """The figure ``plot_video_metrics`` renders: flicker and warping error per transition, window borders marked."""
     try:
         flicker, warp, seam = metrics["flicker"], metrics["warp"], metrics.get("seam")
         series = {"flicker |dY|": flicker["per_transition"], f"warp error ({warp['method']})": warp["per_transition"]}
@@ -578,4 +502,9 @@ def plot_video_metrics(metrics: Mapping, size: tuple[int, int] = (640, 360)) -> 
     if seam is not None:
         marks = seam["border_transitions"]
         parts.append("seam " + ("n/a" if seam["score"] is None else f"{seam['score']:.2f}"))
-    return plot_series(series, title="  ".join(parts), size=size, marks=marks)
+    return series_figure(series, title="  ".join(parts), size=size, marks=marks)
+
+
+def plot_video_metrics(metrics: Mapping, size: tuple[int, int] = (640, 360)) -> np.ndarray:
+    """The plot a metrics node shows, ``uint8 [H, W, 3]`` RGB (see ``video_metrics_figure``)."""
+    return render(video_metrics_figure(metrics, size))

@@ -56,7 +56,7 @@ def frame_paths(folder: Path, start: int = 0, count: int = 0, every_nth: int = 1
 
 def read_frames(paths: list[Path]) -> np.ndarray:
     """``[F, H, W, 3]`` float32 RGB in 0..1 (ComfyUI's IMAGE layout); every frame resized to the first's size."""
-    import cv2
+    cv2 = core("opencv").require_cv2("Load Image Sequence")
 
     frames, size = [], None
     for path in paths:

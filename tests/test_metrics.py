@@ -239,38 +239,91 @@ def test_seam_score_degenerate_cases():
 
 # ------------------------------------------------------------------------------------------------------ plot
 
-def test_plot_shape_dtype_and_content():
-    series = {"flicker": [0.01, 0.03, None, 0.02, 0.05], "warp": [0.02] * 5}
-    img = metrics.plot_series(series, title="metrics", size=(640, 360))
-    assert img.shape == (360, 640, 3) and img.dtype == np.uint8
-    assert (img != 255).any(axis=-1).mean() > 0.02  # axes, labels, lines: not blank
-    for colour in metrics._PALETTE[:2]:  # each series is drawn in its colour
-        assert (np.abs(img.astype(int) - colour).sum(axis=-1) == 0).sum() > 50
-    assert metrics.plot_series(series, size=(800, 300)).shape == (300, 800, 3)
+def _data_lines(fig):
+    """The series' lines of a plot figure, in series order (marks and other artists have '_' labels)."""
+    return [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
 
 
-def test_plot_handles_flat_single_point_and_empty_series():
+def _marks(fig):
+    return [line for line in fig.axes[0].get_lines() if line.get_label() == "_mark"]
+
+
+def test_plot_figure_holds_exactly_the_series_marks_legend_and_title():
+    series = {"flicker": [0.01, 0.03, None, 0.02, math.inf, 0.05], "warp": torch.tensor([0.02, 0.04, 0.03])}
+    fig = metrics.series_figure(series, title="run 7", marks=[1, 3.5])
+    ax = fig.axes[0]
+    lines = _data_lines(fig)
+    assert [line.get_label() for line in lines] == ["flicker", "warp"]
+    np.testing.assert_array_equal(lines[0].get_xdata(), np.arange(6))
+    # Gaps (None) and non-finite values are NaN, which matplotlib leaves undrawn.
+    np.testing.assert_array_equal(lines[0].get_ydata(), [0.01, 0.03, np.nan, 0.02, np.nan, 0.05])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.02, 0.04, 0.03])
+    for line, colour in zip(lines, metrics.PALETTE):
+        assert np.allclose(line.get_color(), np.divide(colour, 255))
+    assert sorted(m.get_xdata()[0] for m in _marks(fig)) == [1.0, 3.5]
+    assert all(m.get_linestyle() == "--" for m in _marks(fig))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["flicker", "warp"]
+    assert ax.get_title() == "run 7"
+    lo, hi = ax.get_ylim()
+    assert lo == 0.0 and hi > 0.05  # non-negative data from 0, the largest point inside
+    assert ax.get_xlim()[0] < 0 and ax.get_xlim()[1] > 5  # every index and mark inside
+
+
+def test_plot_limits_of_negative_flat_and_empty_series():
+    neg = metrics.series_figure({"neg": [-1.0, 2.0, -3.0]}).axes[0].get_ylim()
+    assert neg[0] <= -3.0 and neg[1] >= 2.0
+    flat = metrics.series_figure({"zero": [0.0] * 7}).axes[0].get_ylim()
+    assert flat[0] == 0.0 and flat[1] > 0.0
+    assert metrics.series_figure({"gaps": [None, None]}).axes[0].get_ylim() == (0.0, 1.0)
     for series in ({"zero": [0.0] * 7}, {"one": [0.4]}, {"gaps": [None, None]}, {"neg": [-1.0, 2.0, -3.0]}):
         img = metrics.plot_series(series)
-        assert img.shape == (360, 640, 3) and (img != 255).any()
+        assert img.shape == (360, 640, 3) and img.dtype == np.uint8
 
 
-def test_plot_marks_are_drawn_where_asked():
-    series = {"s": [0.1, 0.2, 0.15, 0.3, 0.25, 0.2, 0.1, 0.3, 0.2]}  # x from 0 to 8
-    plain = metrics.plot_series(series)
-    marked = metrics.plot_series(series, marks=[0, 4, 8])
-    changed = np.flatnonzero((plain != marked).any(axis=-1).any(axis=0))
-    groups = np.split(changed, np.flatnonzero(np.diff(changed) > 2) + 1)
-    centres = [g.mean() for g in groups]
-    assert len(centres) == 3
-    assert abs(centres[1] - (centres[0] + centres[2]) / 2) <= 1.5  # x maps linearly onto the axis
-    assert centres[2] - centres[0] > 400  # spans most of the 640 px plot
+def _pixel(img, fig, x, y):
+    """The RGB pixel where data point (x, y) lands; display coordinates count from the bottom left."""
+    px, py = fig.axes[0].transData.transform((x, y))
+    return img[int(round(img.shape[0] - py - 0.5)), int(round(px - 0.5))].astype(int)
 
 
-def test_plot_of_video_metrics():
+def test_rendered_plot_shows_each_point_in_its_colour_at_its_position():
+    series = {"a": [0.2, 0.6, 0.4, None, 0.3], "b": [0.1, 0.15, 0.5, 0.05, 0.12]}
+    fig = metrics.series_figure(series, size=(640, 360), marks=[3])
+    img = metrics.render(fig)
+    assert img.shape == (360, 640, 3) and img.dtype == np.uint8
+    for k, values in enumerate(series.values()):
+        colour = np.array(metrics.PALETTE[k])
+        for x, y in enumerate(values):
+            if y is not None:
+                assert np.abs(_pixel(img, fig, x, y) - colour).max() <= 4, (k, x, y)
+    a = np.array(metrics.PALETTE[0])
+    # Halfway along a drawn segment the line has the series' colour...
+    assert np.abs(_pixel(img, fig, 0.5, 0.4) - a).max() <= 4
+    # ... but not across the gap at x=3 (from (2, 0.4) to (4, 0.3)): nothing of "a" is drawn there.
+    assert np.abs(_pixel(img, fig, 3, 0.35) - a).max() > 60
+    # The mark is a dashed grey column at x=3; no other column holds its grey.
+    grey = (np.abs(img.astype(int) - metrics.MARK_COLOUR).max(axis=-1) <= 6)
+    columns = np.flatnonzero(grey.sum(axis=0) > 20)
+    mark_x = fig.axes[0].transData.transform((3, 0))[0]
+    assert columns.size and np.abs(columns - mark_x).max() <= 2
+
+
+def test_plot_sizes_are_exact():
+    assert metrics.plot_series({"s": [0.1, 0.2]}, size=(800, 300)).shape == (300, 800, 3)
+    assert metrics.plot_series({"s": [0.1, 0.2]}, size=(333, 127)).shape == (127, 333, 3)
+
+
+def test_video_metrics_figure_plots_the_per_transition_numbers_and_window_borders():
     result = metrics.video_metrics(translated(frames=6), windows=[[0, 1, 2], [3, 4, 5]])
-    img = metrics.plot_video_metrics(result)
-    assert img.shape == (360, 640, 3) and (img != 255).any()
+    fig = metrics.video_metrics_figure(result)
+    flicker, warp = _data_lines(fig)
+    np.testing.assert_allclose(flicker.get_ydata(), result["flicker"]["per_transition"])
+    np.testing.assert_allclose(warp.get_ydata(), result["warp"]["per_transition"])
+    assert warp.get_label() == "warp error (dis)"
+    assert [m.get_xdata()[0] for m in _marks(fig)] == result["seam"]["border_transitions"] == [2]
+    title = fig.axes[0].get_title()
+    assert f"flicker {result['flicker']['mean']:.3g}" in title and "seam " in title
+    assert metrics.plot_video_metrics(result).shape == (360, 640, 3)
 
 
 # --------------------------------------------------------------------------------------------------- bundle
