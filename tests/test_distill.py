@@ -248,3 +248,125 @@ def test_student_starts_on_its_grid_with_pure_noise_at_the_top():
     # teacher sub-steps and student starts are all on the 4-step grid (the end shows as timestep 0)
     assert seen <= {999, 749, 499, 249, 0}
     assert {999, 749, 499, 249} <= seen
+
+
+# --- what an update does: the stable pieces (draw_pair, student_jump, losses) in a hand-written loop --------
+
+def _fixed_pairs(stage, teacher_weight, clips=6, seed=3):
+    """Training pairs whose teacher is the base plus ``Nudge(teacher_weight)``, in float64."""
+    def data(n, generator):
+        return torch.randn(n * FRAMES, *SHAPE, generator=generator, dtype=torch.float64), None, None
+
+    lane = distill.Lane(AnalyticBase(), data, FRAMES)
+    generator = torch.Generator().manual_seed(seed)
+    return lane, [distill.draw_pair(stage, lane, Nudge(teacher_weight).double(), clips, generator) for _ in range(2)]
+
+
+def _best_weight(lane, pairs):
+    """(w*, curvature) of the mean MSE over ``pairs`` as a function of the student's weight w.
+
+    The student's jump is affine in w (x + dsigma * (eps_base + w * x_in)), so the loss is a parabola: its
+    minimum is the least-squares w* = -<b, a - teacher> / <b, b> with a = jump at w=0, b = d jump / d w.
+    """
+    num = den = 0.0
+    for pair in pairs:
+        a = distill.student_jump(lane.base, Nudge(0.0).double(), pair).detach()
+        b = distill.student_jump(lane.base, Nudge(1.0).double(), pair).detach() - a
+        num += float(-(b * (a - pair.teacher)).sum())
+        den += float((b * b).sum())
+    return num / den, 2 * den / (len(pairs) * pairs[0].teacher.numel())
+
+
+@pytest.mark.parametrize("teacher_weight", [0.4, -0.3])
+def test_mse_updates_lower_the_loss_and_move_the_student_toward_the_teachers_jump(teacher_weight):
+    stage = distill.Stage(8, 4, (distill.mse_phase(1),))
+    lane, pairs = _fixed_pairs(stage, teacher_weight)
+    best, curvature = _best_weight(lane, pairs)
+    # n teacher sub-steps are not one student step, so w* is near (not at) the teacher's weight, on its side.
+    assert best == pytest.approx(teacher_weight, abs=0.25) and best * teacher_weight > 0
+    student = Nudge(0.0).double()
+    # lr = 0.5 / curvature: each step halves the distance to w*, so the loss must fall at every step.
+    optimiser = torch.optim.SGD(student.parameters(), lr=0.5 / curvature)
+    losses, weights = [], [0.0]
+    for _ in range(30):
+        optimiser.zero_grad()
+        loss = sum(distill.mse_loss(distill.student_jump(lane.base, student, p), p.teacher) for p in pairs) / 2
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        weights.append(student.weight.item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:]))  # every step lowers the loss
+    assert losses[-1] < 0.05 * losses[0]
+    distances = [abs(w - best) for w in weights]
+    assert all(later < earlier for earlier, later in zip(distances, distances[1:]))  # always toward w*
+    assert weights[-1] == pytest.approx(best, abs=1e-3 * abs(best))
+    # the loss is minimal at w* itself: its gradient there vanishes (next to the slope at the start, w=0)
+    def slope(w):
+        module = Nudge(w).double()
+        loss = sum(distill.mse_loss(distill.student_jump(lane.base, module, p), p.teacher) for p in pairs) / 2
+        return float(torch.autograd.grad(loss, [module.weight])[0])
+
+    assert slope(0.0) == pytest.approx(-curvature * best, rel=1e-3)
+    assert abs(slope(best)) < 1e-3 * abs(slope(0.0))
+
+
+def test_mse_gradient_is_the_analytic_derivative_of_the_jump():
+    stage = distill.Stage(4, 2, (distill.mse_phase(1),), extra_timesteps=(749, 249))
+    lane, pairs = _fixed_pairs(stage, 0.2, clips=4)
+    student = Nudge(0.1).double()
+    pair = pairs[0]
+    loss = distill.mse_loss(distill.student_jump(lane.base, student, pair), pair.teacher)
+    (grad,) = torch.autograd.grad(loss, [student.weight])
+    a = distill.student_jump(lane.base, Nudge(0.0).double(), pair).detach()
+    b = distill.student_jump(lane.base, Nudge(1.0).double(), pair).detach() - a
+    expected = 2 * (b * (a + 0.1 * b - pair.teacher)).mean()
+    torch.testing.assert_close(grad, expected)
+
+
+def test_adversarial_updates_train_d_to_separate_and_the_student_to_fool_it():
+    """D (a learnable affine map of the jump's mean square) learns to tell teacher jumps from student ones; a
+    generator step on that D lowers the generator loss by moving the student's weight toward the teacher's."""
+    stage = distill.Stage(8, 4, (distill.adversarial_phase("unconditional", 1),))
+    lane, pairs = _fixed_pairs(stage, 0.5, clips=8)
+    student = Nudge(-0.5).double()
+
+    class MeanCritic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+            self.bias = nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+
+        def forward(self, x_next_in, t_next, cond, index):
+            return self.scale * x_next_in.square().reshape(-1, FRAMES * math.prod(SHAPE)).mean(1) + self.bias
+
+    disc = MeanCritic()
+    d_opt = torch.optim.SGD(disc.parameters(), lr=2.0)
+    d_losses = []
+    for _ in range(20):
+        d_opt.zero_grad()
+        loss = 0.0
+        for p in pairs:
+            fake = distill.student_jump(lane.base, student, p).detach()
+            loss = loss + distill.discriminator_loss(distill.discriminate(disc, p, p.teacher, False),
+                                                     distill.discriminate(disc, p, fake, False))
+        loss.backward()
+        d_opt.step()
+        d_losses.append(float(loss.detach()))
+    assert d_losses[0] == pytest.approx(2 * math.log(4))  # an untrained D is at chance: ln 4 per pair
+    assert d_losses[-1] < 0.9 * d_losses[0]
+    for p in pairs:  # after training D scores every teacher jump above the student's from the same x_t
+        fake = distill.student_jump(lane.base, student, p).detach()
+        real_logits, fake_logits = (distill.discriminate(disc, p, x, False) for x in (p.teacher, fake))
+        assert distill.preference(real_logits, fake_logits) == 1.0
+
+    def g_loss():
+        return sum(distill.generator_loss(distill.discriminate(disc, p, distill.student_jump(lane.base, student, p),
+                                                               False)) for p in pairs)
+
+    disc.requires_grad_(False)
+    before_w, before = student.weight.item(), float(g_loss().detach())
+    (grad,) = torch.autograd.grad(g_loss(), [student.weight])
+    with torch.no_grad():  # a small step down the generator loss's slope (its size, not its sign, is chosen)
+        student.weight -= 0.01 * grad / grad.abs()
+    assert float(g_loss().detach()) < before
+    assert student.weight.item() > before_w  # toward the teacher's weight, which D learned to call real
