@@ -99,8 +99,12 @@ def test_windows_equal_core_and_evolved(reference):
             try:
                 context.windows(**kwargs)
                 should_raise.append(kwargs)
-            except ValueError:
-                pass
+            except InvalidInputError as error:
+                if isinstance(ref, list):
+                    # core/Evolved ran but their windows are unusable: only the standard_uniform corner at
+                    # stride > 1, refused with the fix (rows where they raised may be refused for any named reason)
+                    assert schedule == "standard_uniform" and stride > 1, kwargs
+                    assert str(error).endswith("use stride=1 or the looped_uniform schedule"), str(error)
     assert not mismatches, f"{len(mismatches)} window lists differ from core/Evolved, e.g. {mismatches[:3]}"
     assert not should_raise, f"settings core/Evolved cannot sample were accepted, e.g. {should_raise[:3]}"
     assert usable_count > 6500
@@ -214,17 +218,25 @@ def test_every_frame_is_covered_at_every_step():
                     for stride in (1, 2, 3):
                         for closed_loop in (False, True):
                             for step in range(21):
+                                setting = (schedule, frames, length, overlap, stride, closed_loop, step)
                                 try:
                                     ws = context.windows(frames, length, overlap, stride, closed_loop, schedule,
                                                          step)
-                                except ValueError:
-                                    refused.add((schedule, stride))
+                                except InvalidInputError as error:
+                                    assert str(error).endswith("use stride=1 or the looped_uniform schedule")
+                                    refused.add(setting)
                                     continue
                                 flat = [i for w in ws for i in w]
-                                assert set(flat) == set(range(frames)), (schedule, frames, length, overlap, stride)
+                                assert set(flat) == set(range(frames)), setting
                                 assert all(len(w) == length for w in ws[:-1]) and 1 <= len(ws[-1]) <= length
-    # only the reference's broken corner (standard_uniform at stride > 1) is ever refused
-    assert refused <= {("standard_uniform", 2), ("standard_uniform", 3)}
+    # Exactly the reference's broken corner: standard_uniform at stride > 1 when a strided pass cannot span the
+    # clip (frames <= length * stride; core/Evolved index past the end), at every step and either loop setting;
+    # plus the one step where its strided windows leave frames 1 and 3 of a 33-frame clip uncovered.
+    expected = {("standard_uniform", frames, length, overlap, stride, closed_loop, step)
+                for frames in (17, 33, 48, 100) for length in (8, 16) for overlap in (0, 4, 7) for stride in (2, 3)
+                for closed_loop in (False, True) for step in range(21) if frames <= length * stride}
+    expected |= {("standard_uniform", 33, 16, 4, 2, closed_loop, 20) for closed_loop in (False, True)}
+    assert refused == expected
 
 
 def test_standard_static_windows_by_hand():
@@ -297,8 +309,12 @@ def test_frame_local_model_reproduces_the_full_batch(frames, length, overlap, st
         overlap = length - 1
     try:
         ws = context.windows(frames, length, overlap, stride, closed_loop, schedule, step)
-    except ValueError:
-        return  # the refused standard_uniform corner, tested above
+    except InvalidInputError as error:
+        # Only the standard_uniform corner at stride > 1 may be refused (pinned exactly above); any other
+        # refusal here fails the test instead of passing silently.
+        assert schedule == "standard_uniform" and stride > 1, (schedule, frames, length, overlap, stride, step)
+        assert str(error).endswith("use stride=1 or the looped_uniform schedule")
+        return
     if method == "overlap-linear" and overlap > len(ws[-1]) and max(ws[-1]) == frames - 1 and min(ws[-1]) > 0:
         return  # a batched tail shorter than the overlap: refused, tested above
     x = torch.randn(frames, 2, 3, 3, generator=torch.Generator().manual_seed(frames * 31 + step))
