@@ -48,7 +48,7 @@ def test_release_layouts_load_with_the_right_info(fixture_dir, name, layout, ver
 
 
 def test_release_key_counts_at_full_size():
-    """588 (original) and 567 (diffusers) tensors for v2, as the Lightning release files (notes §2.1)."""
+    """588 (original) and 567 (diffusers) tensors for v2, as the Lightning release files (lightning/REFERENCE.md)."""
     full = (320, 640, 1280, 1280)
     assert len(original_layout(full, True, 32)) == 588
     assert len(diffusers_layout(full, True, 32)) == 567
@@ -164,13 +164,27 @@ def test_original_round_trip_is_lossless(fixture_dir, tmp_path, name):
     assert _tensors_equal(load_file(saved), source)
 
 
-def test_diffusers_to_original_reproduces_the_comfyui_file_byte_for_byte(fixture_dir, tmp_path):
-    module_set = load_motion_module(fixture_dir / "animatediff_lightning_4step_diffusers.safetensors")
-    saved = save_motion_module(module_set, tmp_path / "converted.safetensors", byte_compatible=True)
-    assert saved.read_bytes() == (fixture_dir / "animatediff_lightning_4step_comfyui.safetensors").read_bytes()
-    back = save_motion_module(load_motion_module(saved), tmp_path / "back.safetensors", layout="diffusers",
+def test_conversions_reproduce_files_that_diffusers_builds_byte_for_byte(fixture_dir, tmp_path):
+    """Both directions against a ``_diffusers`` file made without our key mapping: diffusers' own converter
+    fills a MotionAdapter from the ``_comfyui`` file, the adapter regenerates its positional tables, and
+    safetensors writes its state dict in fp16 without metadata (as the release files are)."""
+    from diffusers import MotionAdapter
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    comfyui = fixture_dir / "animatediff_lightning_4step_comfyui.safetensors"
+    converted = convert_animatediff_checkpoint_to_diffusers(load_file(comfyui))
+    adapter = MotionAdapter(block_out_channels=TINY, motion_norm_num_groups=32, motion_num_attention_heads=8,
+                            motion_max_seq_length=32, use_motion_mid_block=True)
+    missing, unexpected = adapter.load_state_dict({k: v.float() for k, v in converted.items()}, strict=False)
+    assert not unexpected and missing and all(k.endswith("pos_embed.pe") for k in missing)
+    theirs = tmp_path / "diffusers_built.safetensors"
+    save_file({k: v.half().contiguous() for k, v in adapter.state_dict().items()}, theirs)
+
+    ours = save_motion_module(load_motion_module(comfyui), tmp_path / "ours.safetensors", layout="diffusers",
                               byte_compatible=True)
-    assert back.read_bytes() == (fixture_dir / "animatediff_lightning_4step_diffusers.safetensors").read_bytes()
+    assert ours.read_bytes() == theirs.read_bytes()
+    back = save_motion_module(load_motion_module(theirs), tmp_path / "back.safetensors", byte_compatible=True)
+    assert back.read_bytes() == comfyui.read_bytes()
 
 
 @pytest.mark.parametrize("layout", ["original", "diffusers"])
