@@ -1,6 +1,6 @@
 """One motion module forward: ours vs diffusers' AnimateDiffTransformer3D, same weights, same input.
 
-Default case from the issue: C=320, 16 frames, 32x32, fp32, CPU, no autograd. Ours runs in
+Default case: C=320, 16 frames, 32x32, fp32, CPU, no autograd. Ours runs in
 ``across_frames`` GroupNorm mode so both compute the same function (checked before timing); the
 ``per_frame`` time is printed too. Runs alternate between the two (ABBA) to share machine noise; the
 headline is the median over repeats of ours/diffusers for back-to-back pairs (target <= 0.9), printed with

@@ -1,5 +1,5 @@
-"""Motion-module files: read, recognise, validate, load, save (notes: lightning-math.md §1.3–1.5, §2.1, §3.1;
-comfyui-integration.md B1).
+"""Motion-module files: read, recognise, validate, load, save (key layouts and sizes: lightning/REFERENCE.md
+§1).
 
 Two key layouts exist for the same weights:
 

@@ -14,7 +14,7 @@ The code never looks inside a model. It sees:
   called as ``d(x_next_in, t_next, cond, index)`` - the conditional D also with ``x_in=..., t=...`` (the
   jump's start) - it returns one logit per clip (see :mod:`lightning.discriminator`).
 
-Math (notes: lightning-math.md §3.5, §4; paper eqs. 1-9):
+Math (AnimateDiff-Lightning §2.2 eqs. 1-9; settings in lightning/REFERENCE.md §4):
 
 - Student timesteps are the student's own trailing grid (999, 749, 499, 249 for 4 steps), plus the extra
   start points SDXL-Lightning found stabilising for the 2- and 1-step students (249/499/749).
@@ -56,7 +56,7 @@ PAPER_MSE_BETAS = (0.9, 0.999)
 PAPER_ADVERSARIAL_LR = 5e-7  # full weights; SDXL-Lightning used 1e-6 with LoRA
 PAPER_ADVERSARIAL_BETAS = (0.0, 0.99)
 PAPER_CFG = 7.5  # teacher guidance of the 128 -> 32 stage, no negative prompt
-EXTRA_TIMESTEPS = {2: (749, 249), 1: (749, 499, 249)}  # SDXL-Lightning §3.7.1 (lightning-math §4.3)
+EXTRA_TIMESTEPS = {2: (749, 249), 1: (749, 499, 249)}  # SDXL-Lightning §3.7.1 (lightning/REFERENCE.md §4)
 
 
 # --- stage specs ----------------------------------------------------------------------------------------

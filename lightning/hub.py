@@ -18,7 +18,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 LIGHTNING_REPO = "ByteDance/AnimateDiff-Lightning"
-#: Sizes from the hub listing (lightning-math.md §2.1): fp16, no metadata.
+#: Sizes from the hub listing (lightning/REFERENCE.md §1.5): fp16, no metadata.
 LIGHTNING_COMFYUI_BYTES = 908_929_664
 LIGHTNING_DIFFUSERS_BYTES = 907_702_248
 

@@ -1,6 +1,6 @@
 """Motion LoRA (the original AnimateDiff format): load, merge into a motion module set, unmerge exactly.
 
-File keys (notes: comfyui-integration.md B2, lightning-math.md §1.4)::
+File keys (lightning/REFERENCE.md §1.6)::
 
     <module>.temporal_transformer.transformer_blocks.0.attention_blocks.N.processor.to_q_lora.down.weight  [r, C]
     …                                                                             .to_q_lora.up.weight    [C, r]

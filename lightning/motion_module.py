@@ -1,6 +1,6 @@
 """The AnimateDiff temporal transformer and the set of them that rides along an SD1.5 UNet.
 
-Math (notes: lightning-math.md §1, the original ``VanillaTemporalModule``): for a clip of F frames,
+Math (lightning/REFERENCE.md §1, the original ``VanillaTemporalModule``): for a clip of F frames,
 
     h   = proj_in(GroupNorm(x))                      tokens: one per frame and pixel, C channels
     h  += attn_i(LayerNorm_i(h) + pe[:F])            i = 0, 1; self-attention over the F frames of each pixel

@@ -1,6 +1,6 @@
 """lightning.distill: stage specs, grids, the training pair, the losses and the stage loop.
 
-The grids are checked against diffusers' trailing EulerDiscreteScheduler and lightning-math §4.3, the
+The grids are checked against diffusers' trailing EulerDiscreteScheduler and lightning/REFERENCE.md §4, the
 teacher/student jumps against diffusers' Euler steps, the losses against -log(sigmoid) written out.
 """
 
@@ -52,7 +52,7 @@ class AnalyticBase:
         return eps
 
 
-def test_student_grids_match_the_notes_table():
+def test_student_grids_match_the_reference_table():
     stages = {st.name: st for st in distill.paper_stages(one_step=True)}
     assert distill.student_timesteps(stages["32->8"]) == [999, 874, 749, 624, 499, 374, 249, 124]
     assert distill.student_timesteps(stages["8->4"]) == [999, 749, 499, 249]

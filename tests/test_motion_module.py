@@ -171,7 +171,7 @@ def test_full_size_parameter_counts(has_mid, expected):
 def test_parameter_names_are_the_original_checkpoint_keys():
     module_set = MotionModuleSet.from_channels((32, 64, 64, 64))
     names = set(module_set.state_dict())
-    # Keys from the notes' table (lightning-math.md §1.3), spelled out here rather than derived.
+    # Keys from the table in lightning/REFERENCE.md §1.3, spelled out here rather than derived.
     for key in ["down_blocks.0.motion_modules.1.temporal_transformer.norm.bias",
                 "mid_block.motion_modules.0.temporal_transformer.proj_out.weight",
                 "up_blocks.3.motion_modules.2.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_out.0.bias",

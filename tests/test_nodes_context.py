@@ -1,6 +1,6 @@
 """The ComfyUI-free parts of the Context Windows node (nodes/context_windows.py), with stand-ins for ComfyUI objects.
 
-The stand-ins reproduce only the documented behaviour that matters here (comfyui-integration.md A5, A6): a
+The stand-ins reproduce only the documented behaviour that matters here (lightning/REFERENCE.md §3, last paragraph): a
 ControlNet prepares its hint batch from ``cond_hint_original`` when it has none, and when the hint's row count
 differs from the call's it takes the first rows-per-cond-chunk rows (cycling a shorter batch) and repeats them for
 every cond chunk; ``_calc_cond_batch`` concatenates the cond chunks' rows and uses the control of the batch. The

@@ -136,7 +136,7 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 def fake_sd15_unet():
-    """The SD1.5 ldm UNet's block structure (comfyui-integration.md A2) with stand-in layers."""
+    """The SD1.5 ldm UNet's block structure (lightning/REFERENCE.md §1.2) with stand-in layers."""
     seq = TimestepEmbedSequential
     inputs = [seq(nn.Conv2d(1, 1, 1))]
     for level in range(4):

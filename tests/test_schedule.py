@@ -7,27 +7,27 @@ from lightning import schedule
 
 diffusers = pytest.importorskip("diffusers")
 
-# lightning-math.md §3.5: EulerDiscreteScheduler, trailing, linear betas, computed with diffusers.
-NOTES_TRAILING = {
+# lightning/REFERENCE.md §2: EulerDiscreteScheduler, trailing, linear betas, computed with diffusers.
+REFERENCE_TRAILING = {
     1: [25.146116],
     2: [25.146116, 2.275962],
     3: [25.146116, 4.495611, 1.209594],
     4: [25.146116, 6.557212, 2.275962, 0.867020],
     8: [25.146116, 12.322533, 6.557212, 3.755283, 2.275962, 1.419212, 0.867020, 0.461271],
 }
-NOTES_TRAILING_TIMESTEPS = {
+REFERENCE_TRAILING_TIMESTEPS = {
     1: [999], 2: [999, 499], 3: [999, 666, 332], 4: [999, 749, 499, 249],
     8: [999, 874, 749, 624, 499, 374, 249, 124],
 }
-# §3.5: the 32-step table is given to three decimals, head and tail only.
-NOTES_32_HEAD = [25.146, 20.902, 17.467, 14.591, 12.323]
-NOTES_32_TAIL = [0.371, 0.277, 0.179]
-NOTES_32_TIMESTEPS_HEAD = [999, 968, 937, 905, 874]
-NOTES_32_TIMESTEPS_TAIL = [93, 61, 30]
-# §3.5 / comfyui-integration A4: ComfyUI sgm_uniform on sqrt_linear betas.
-NOTES_SGM_4 = [25.146115, 6.564986, 2.280343, 0.869781]
-NOTES_SGM_8 = [25.146, 12.331, 6.565, 3.761, 2.280, 1.423, 0.870, 0.464]
-NOTES_SGM_2 = [25.146, 2.280]
+# REFERENCE.md §2: the 32-step table is given to three decimals, head and tail only.
+REFERENCE_32_HEAD = [25.146, 20.902, 17.467, 14.591, 12.323]
+REFERENCE_32_TAIL = [0.371, 0.277, 0.179]
+REFERENCE_32_TIMESTEPS_HEAD = [999, 968, 937, 905, 874]
+REFERENCE_32_TIMESTEPS_TAIL = [93, 61, 30]
+# REFERENCE.md §2: ComfyUI sgm_uniform on sqrt_linear betas.
+REFERENCE_SGM_4 = [25.146115, 6.564986, 2.280343, 0.869781]
+REFERENCE_SGM_8 = [25.146, 12.331, 6.565, 3.761, 2.280, 1.423, 0.870, 0.464]
+REFERENCE_SGM_2 = [25.146, 2.280]
 
 
 def _euler(spacing="trailing", **kw):
@@ -42,22 +42,22 @@ def _rel(a, b):
     return ((a - b).abs() / b.abs().clamp_min(1e-12)).max().item()
 
 
-@pytest.mark.parametrize("steps", sorted(NOTES_TRAILING))
-def test_trailing_sigmas_match_notes(steps):
+@pytest.mark.parametrize("steps", sorted(REFERENCE_TRAILING))
+def test_trailing_sigmas_match_the_reference_table(steps):
     got = schedule.sigmas(steps)
-    assert _rel(got[:-1], NOTES_TRAILING[steps]) < 1e-5
+    assert _rel(got[:-1], REFERENCE_TRAILING[steps]) < 1e-5
     assert got[-1].item() == 0.0
-    assert schedule.timesteps(steps).tolist() == NOTES_TRAILING_TIMESTEPS[steps]
+    assert schedule.timesteps(steps).tolist() == REFERENCE_TRAILING_TIMESTEPS[steps]
 
 
-def test_32_step_table_matches_notes():
+def test_32_step_table_matches_the_reference():
     got = schedule.sigmas(32)
     assert got.shape == (33,)
-    assert _rel(got[:5], NOTES_32_HEAD) < 5e-4 / 0.179
-    assert torch.allclose(got[-4:-1].double(), torch.tensor(NOTES_32_TAIL, dtype=torch.float64), atol=6e-4)
+    assert _rel(got[:5], REFERENCE_32_HEAD) < 5e-4 / 0.179
+    assert torch.allclose(got[-4:-1].double(), torch.tensor(REFERENCE_32_TAIL, dtype=torch.float64), atol=6e-4)
     ts = schedule.timesteps(32)
-    assert ts[:5].tolist() == NOTES_32_TIMESTEPS_HEAD
-    assert ts[-3:].tolist() == NOTES_32_TIMESTEPS_TAIL
+    assert ts[:5].tolist() == REFERENCE_32_TIMESTEPS_HEAD
+    assert ts[-3:].tolist() == REFERENCE_32_TIMESTEPS_TAIL
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 25, 32, 50, 128])
@@ -80,7 +80,7 @@ def test_alphas_cumprod_match_diffusers():
                                    beta_schedule="linear")
     assert _rel(schedule.alphas_cumprod(), ddpm.alphas_cumprod) < 1e-5
     assert _rel(schedule.betas(), ddpm.betas) < 1e-6
-    # §3.5 spot values of sqrt(abar_t)
+    # REFERENCE.md §2 spot values of sqrt(abar_t)
     for t, v in {874: 0.080886, 749: 0.150761, 624: 0.257324, 499: 0.402259, 374: 0.575992,
                  249: 0.755557, 124: 0.908052, 999: 0.039736}.items():
         assert abs(schedule.alphas_cumprod()[t].sqrt().item() - v) < 2e-6
@@ -88,12 +88,12 @@ def test_alphas_cumprod_match_diffusers():
     assert abs(schedule.sigma_min() - 0.029167) < 1e-6
 
 
-def test_sgm_uniform_matches_comfyui_values_in_notes():
-    assert _rel(schedule.sigmas(4, "sgm_uniform")[:-1], NOTES_SGM_4) < 1e-5
+def test_sgm_uniform_matches_the_comfyui_values_in_the_reference():
+    assert _rel(schedule.sigmas(4, "sgm_uniform")[:-1], REFERENCE_SGM_4) < 1e-5
     assert torch.allclose(schedule.sigmas(8, "sgm_uniform")[:-1].double(),
-                          torch.tensor(NOTES_SGM_8, dtype=torch.float64), atol=6e-4)
+                          torch.tensor(REFERENCE_SGM_8, dtype=torch.float64), atol=6e-4)
     assert torch.allclose(schedule.sigmas(2, "sgm_uniform")[:-1].double(),
-                          torch.tensor(NOTES_SGM_2, dtype=torch.float64), atol=6e-4)
+                          torch.tensor(REFERENCE_SGM_2, dtype=torch.float64), atol=6e-4)
     assert schedule.timesteps(4, "sgm_uniform").tolist() == [999, 749.25, 499.5, 249.75]
 
 

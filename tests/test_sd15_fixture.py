@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # no
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-# Parameter counts of the SD1.5 components (diffusers' models with SD1.5 configs; /work/shared notes).
+# Parameter counts of the SD1.5 components (diffusers' models built with SD1.5 configs, counted once).
 UNET_PARAMS = 859_520_964
 CLIP_TEXT_PARAMS = 123_060_480  # position_ids is an index buffer, not a parameter
 VAE_PARAMS = 83_653_863

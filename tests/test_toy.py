@@ -1,6 +1,6 @@
 """The toy world: exact teacher, its premises, the measures, and distillation proven end to end on CPU.
 
-The acceptance tests of issue 6 share trained runs through module-scoped fixtures (see ``trained``).
+The end-to-end distillation tests share trained runs through module-scoped fixtures (see ``trained``).
 """
 
 import copy
@@ -127,7 +127,7 @@ def test_measures_on_modes_blends_and_true_samples(world):
     assert measures.sliced_wasserstein(reference.samples, reference) == pytest.approx(0.0, abs=1e-12)
 
 
-# --- distillation, end to end (issue 6 acceptance) ------------------------------------------------------
+# --- distillation, end to end (the demo's claims) ------------------------------------------------------
 # CI-sized version of the demo: the same stage plan (32->8 MSE, then 8->4 and 4->2 with D then D'),
 # fewer iterations and clips, learning rates scaled 2000x instead of the demo's 1000x (ratio and betas kept).
 
@@ -253,8 +253,8 @@ def test_adversarial_stage_removes_the_few_step_blur_across_seeds(trained):
     for every seed - and only because D learns (a frozen D does not).
 
     MSE-only against MSE-then-adversarial at equal budget shows no ordering that holds across seeds in this
-    world (the toy student can reproduce the teacher's jump, so MSE has nothing to average over); the issue-6
-    note has the figures, ``python -m lightning.toy --mse-only`` reproduces them."""
+    world (the toy student can reproduce the teacher's jump, so MSE has nothing to average over);
+    ``python -m lightning.toy --mse-only`` prints the figures."""
     for seed in (0, 1, 2):
         start, end = adversarial_four_to_two(trained, seed)
         assert start["nearest_mode_error"] > 0.2  # the incoming 4-step student blurs at 2 steps

@@ -1,4 +1,4 @@
-"""Issue 4 in a real ComfyUI: text-to-video in 4 steps, no leaks into the shared model, parity with Evolved,
+"""Generation in a real ComfyUI: text-to-video in 4 steps, no leaks into the shared model, parity with Evolved,
 and clear node errors for wrong inputs while the server keeps serving."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Issue 5 in a real ComfyUI: Context Windows (Lightning) with core's ControlNet, FreeNoise, batched windows, the
+"""Long videos in a real ComfyUI: Context Windows (Lightning) with core's ControlNet, FreeNoise, batched windows, the
 vid2vid workflow and the metrics node.
 
 What each window's ControlNet sees is read by a probe: a small custom node pack this module writes into the
