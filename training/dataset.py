@@ -206,6 +206,10 @@ def _exclusive(folder: Path):
         except OSError as error:
             raise InvalidInputError(f"another builder is writing the dataset {folder} right now; wait for it to "
                                     "finish (or stop it) and run this build again") from error
+        # Holding the lock, no other builder is writing: temporaries left here were a killed builder's.
+        for stale in [*folder.glob(".*.partial.*"), *folder.glob(f"{SHARD_FOLDER}/.*.partial.*")]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
         try:
             yield
         finally:
@@ -263,6 +267,7 @@ class CacheWriter:
         self._new_clips: list[dict] = []
         self._new_conds: list[tuple[dict, int, str]] = []
         self._new_unconds: dict[int, str] = {}
+        self._shared_conds: dict[tuple[int, int], tuple[torch.Tensor, str]] = {}
         self.dtype = DTYPES[self.manifest["dtype"]]
 
     def __exit__(self, kind, error, traceback):
@@ -380,8 +385,14 @@ class CacheWriter:
         return clip_id
 
     def add_cond(self, clip: dict, base: int, cond: torch.Tensor) -> None:
-        key = f"{clip['id']}.cond.{base}"
-        self._tensors[key] = self._text(cond, f"the text conditioning of {_describe(clip['source'])} for base {base}")
+        shared = self._shared_conds.get((id(cond), base))
+        if shared is not None and shared[0] is cond:  # clips of one video share their caption's tensor in a shard
+            key = shared[1]
+        else:
+            key = f"{clip['id']}.cond.{base}"
+            what = f"the text conditioning of {_describe(clip['source'])} for base {base}"
+            self._tensors[key] = self._text(cond, what)
+            self._shared_conds[(id(cond), base)] = (cond, key)
         self._new_conds.append((clip, base, key))
 
     def flush(self) -> None:
@@ -408,6 +419,7 @@ class CacheWriter:
         for base, key in self._new_unconds.items():
             m["bases"][base]["uncond"] = dict(shard=name, key=key)
         self._tensors, self._new_clips, self._new_conds, self._new_unconds = {}, [], [], {}
+        self._shared_conds = {}
         with atomic_output(self.path / MANIFEST) as temporary:
             temporary.write_text(json.dumps(m, indent=1, ensure_ascii=False), encoding="utf-8")
 
