@@ -378,3 +378,42 @@ def test_a_killed_build_loses_only_its_unfinished_shard(tmp_path):
     assert no_partial_files(tmp_path)  # the next build removed the dead builder's temporary
     data = ds.LatentDataset(out)
     assert len(data) == 5 and data.verify() == []
+
+
+def test_cli_builds_through_the_comfy_backend_callables(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    import training
+
+    opened = []
+    fake = types.ModuleType("training.comfy_backend")
+    fake.open_checkpoints = lambda paths: opened.append(list(paths)) or list(paths)
+    fake.text_encoder = lambda checkpoints: encode_text
+    fake.image_encoder = lambda checkpoints: ImageEncoder()
+    fake.load_teacher = lambda path: "teacher module"
+    fake.teacher_sampler = lambda checkpoints, module, teacher_path="": Teacher()
+    monkeypatch.setitem(sys.modules, "training.comfy_backend", fake)
+    monkeypatch.setattr(training, "comfy_backend", fake, raising=False)
+    checkpoints = []
+    for name in ("style_a", "style_b"):
+        (tmp_path / f"{name}.safetensors").write_bytes(name.encode() * 1000)
+        checkpoints += ["--checkpoint", str(tmp_path / f"{name}.safetensors")]
+    folder = tmp_path / "clips"
+    frame_folder(folder, "fox", 5, video=1, caption=PROMPTS[1])
+    out = str(tmp_path / "data")
+    assert ds.main(["videos", str(folder), out, *checkpoints, "--frames", "3", "--width", "16", "--height", "16",
+                    "--stride", "2"]) == 0
+    (tmp_path / "prompts.txt").write_text(f"# teacher prompts\n{PROMPTS[3]}\n\n{PROMPTS[4]}\n")
+    assert ds.main(["teacher", out, "--prompts", str(tmp_path / "prompts.txt"), "--motion-module", "mm.ckpt",
+                    "--clips-per-base", "2", *checkpoints, "--frames", "3", "--width", "16", "--height", "16"]) == 0
+    data = ds.LatentDataset(out)
+    assert [b.name for b in data.bases] == ["style_a", "style_b"]
+    assert data.bases[0].hash.startswith("sampled-sha256:") and data.bases[0].hash != data.bases[1].hash
+    assert [len(data.lane_clips(b)) for b in (0, 1)] == [3, 3]
+    assert {c["source"]["prompt"] for c in data.clips if c["base"] == 1} == {PROMPTS[3], PROMPTS[4]}
+    assert "added 4 clips, 0 already cached; 5 clips" in capsys.readouterr().out
+    (folder / "fox.txt").unlink()
+    assert ds.main(["videos", str(folder), out, *checkpoints]) == 2
+    assert "fox has no caption: write its prompt into fox.txt" in capsys.readouterr().err
+    assert len(opened) == 2  # the refused folder never loaded models

@@ -559,7 +559,9 @@ class LatentDataset:
         ref = clip["cond"].get(str(base_index))
         if ref is None or (clip["base"] is not None and clip["base"] != base_index):
             raise InvalidInputError(f"clip {clip['id']} of {self.path} has no conditioning for base {base_index}")
-        return self._get(clip["shard"], clip["key"]).float(), self._get(ref["shard"], ref["key"]).float()
+        # copies: a caller changing them in place must not change the cached shard
+        return (self._get(clip["shard"], clip["key"]).to(torch.float32, copy=True),
+                self._get(ref["shard"], ref["key"]).to(torch.float32, copy=True))
 
     def uncond(self, base_index: int) -> torch.Tensor:
         self._check_base(base_index)
@@ -567,7 +569,7 @@ class LatentDataset:
         if ref is None:
             raise InvalidInputError(f"the dataset {self.path} has no empty-prompt conditioning for base "
                                     f"{self.bases[base_index].name}; run a build with that base to add it")
-        return self._get(ref["shard"], ref["key"]).float()
+        return self._get(ref["shard"], ref["key"]).to(torch.float32, copy=True)
 
     def lane_data(self, base_index: int, flip: bool = True) -> Callable[[int, torch.Generator], tuple]:
         """``data(n, generator) -> (latents [n*frames, 4, h, w], cond [n, tokens, dim], uncond [n, tokens, dim])``.
@@ -576,8 +578,8 @@ class LatentDataset:
         horizontal flips, §3.2), both from ``generator`` alone, so its state is the data position. The flip draws
         happen even with ``flip=False``, so switching flips off does not change which clips come.
         """
-        rows = self._lanes[base_index] if isinstance(base_index, int) and 0 <= base_index < self.num_bases else None
         self._check_base(base_index)
+        rows = self._lanes[base_index]
         if not rows:
             base = self.bases[base_index]
             videos_without = sum(1 for c in self.clips if c["base"] is None and str(base_index) not in c["cond"])
@@ -589,8 +591,8 @@ class LatentDataset:
         def data(n: int, generator: torch.Generator):
             if not isinstance(n, int) or n < 1:
                 raise InvalidInputError(f"clips to draw must be a positive integer, got {n!r}")
-            picks = torch.randint(len(rows), (n,), generator=generator).tolist()
-            flips = torch.randint(2, (n,), generator=generator).tolist()
+            picks = torch.randint(len(rows), (n,), generator=generator, device=generator.device).tolist()
+            flips = torch.randint(2, (n,), generator=generator, device=generator.device).tolist()
             latents, conds = [], []
             for pick, flipped in zip(picks, flips):
                 clip_latents, cond = self.clip(rows[pick], base_index)
@@ -655,10 +657,8 @@ def __getattr__(name: str):
 
 # --- command line ---------------------------------------------------------------------------------------
 
-def _comfy_factories(args, names: Sequence[str]) -> list[Callable]:
-    """The ComfyUI-backed callables (VAE, CLIP, teacher sampler) from ``training.comfy_backend``."""
-    import inspect
-
+def _comfy_callables(args, *, teacher: bool) -> dict[str, Callable]:
+    """The builders' callables backed by ComfyUI's VAE, CLIP and sampler (``training.comfy_backend``)."""
     if args.comfyui:
         os.environ["COMFYUI_PATH"] = args.comfyui
     try:
@@ -667,18 +667,19 @@ def _comfy_factories(args, names: Sequence[str]) -> list[Callable]:
         raise LightningError(f"building from checkpoints needs ComfyUI through training.comfy_backend, which did not "
                              f"import ({error}); give --comfyui PATH or COMFYUI_PATH, or build with the "
                              "ADL_TrainingDataset node inside ComfyUI") from error
-    factories = []
-    for name, call in names:
-        factory = getattr(comfy_backend, name, None)
-        if factory is None:
-            raise LightningError(f"training.comfy_backend has no {name}(); build with the ADL_TrainingDataset node")
-        try:
-            inspect.signature(factory).bind(*call)
-        except TypeError as error:
-            raise LightningError(f"training.comfy_backend.{name}{inspect.signature(factory)} cannot be called as "
-                                 f"{name}(checkpoints{', motion_module' if len(call) > 1 else ''}): {error}") from error
-        factories.append(factory(*call))
-    return factories
+    needed = ["open_checkpoints", "text_encoder"] + (["load_teacher", "teacher_sampler"] if teacher else
+                                                     ["image_encoder"])
+    absent = [name for name in needed if not hasattr(comfy_backend, name)]
+    if absent:
+        raise LightningError(f"training.comfy_backend lacks {absent}; build with the ADL_TrainingDataset node")
+    checkpoints = comfy_backend.open_checkpoints(args.checkpoint)
+    callables = dict(encode_text=comfy_backend.text_encoder(checkpoints))
+    if teacher:
+        module = comfy_backend.load_teacher(args.motion_module)
+        callables["sample"] = comfy_backend.teacher_sampler(checkpoints, module, teacher_path=args.motion_module)
+    else:
+        callables["encode_images"] = comfy_backend.image_encoder(checkpoints)
+    return callables
 
 
 def _bases_from_checkpoints(paths: Sequence[str]) -> list[Base]:
@@ -714,13 +715,12 @@ def _cmd_verify(args) -> int:
 
 
 def _cmd_videos(args) -> int:
-    from .dataset_video import build_from_videos
+    from .dataset_video import build_from_videos, scan_folder
 
+    scan_folder(args.folder, frames=args.frames, stride=args.stride)  # refuse a bad folder before loading models
     bases = _bases_from_checkpoints(args.checkpoint)
-    encode_text, encode_images = _comfy_factories(
-        args, [("text_encoder", (args.checkpoint,)), ("image_encoder", (args.checkpoint,))])
-    report = build_from_videos(args.out, args.folder, bases=bases, encode_images=encode_images,
-                               encode_text=encode_text, frames=args.frames, width=args.width, height=args.height,
+    report = build_from_videos(args.out, args.folder, bases=bases, **_comfy_callables(args, teacher=False),
+                               frames=args.frames, width=args.width, height=args.height,
                                stride=args.stride, clips_per_video=args.clips_per_video, dtype=args.dtype,
                                shard_clips=args.shard_clips, progress=_progress_printer("videos"))
     print(f"added {report.added} clips, {report.skipped} already cached; {report.clips} clips in {report.path}")
@@ -732,9 +732,7 @@ def _cmd_teacher(args) -> int:
 
     prompts = read_prompts(Path(args.prompts).read_text(encoding="utf-8"))
     bases = _bases_from_checkpoints(args.checkpoint)
-    encode_text, sample = _comfy_factories(
-        args, [("text_encoder", (args.checkpoint,)), ("teacher_sampler", (args.checkpoint, args.motion_module))])
-    report = build_from_teacher(args.out, prompts, bases=bases, sample=sample, encode_text=encode_text,
+    report = build_from_teacher(args.out, prompts, bases=bases, **_comfy_callables(args, teacher=True),
                                 clips_per_base=args.clips_per_base, frames=args.frames, width=args.width,
                                 height=args.height, seed=args.seed, dtype=args.dtype, shard_clips=args.shard_clips,
                                 progress=_progress_printer("teacher"))
