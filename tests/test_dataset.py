@@ -293,6 +293,7 @@ def test_lane_data_follows_the_generator_alone_and_flips_as_drawn(tmp_path):
     teacher(out, sampler, clips_per_base=4)
     data = ds.LatentDataset(out, cache_shards=1)  # shards are re-read: what comes back must not depend on it
     lane = data.lane_data(1)
+    assert not data._cache  # opening and making a lane read no shard: only drawing does
     g = torch.Generator().manual_seed(3)
     first = lane(3, g)
     state = g.get_state()

@@ -585,7 +585,8 @@ class LatentDataset:
             hint = (f" {videos_without} video clips lack its text conditioning: run a build that includes it"
                     if videos_without else " build teacher clips for it or add videos")
             raise InvalidInputError(f"the dataset {self.path} has no clips for base {base_index} ({base.name});{hint}")
-        uncond = self.uncond(base_index)
+        if self.manifest["bases"][base_index]["uncond"] is None:
+            self.uncond(base_index)  # raises the explanation; shards themselves are read only when drawing
 
         def data(n: int, generator: torch.Generator):
             if not isinstance(n, int) or n < 1:
@@ -597,6 +598,7 @@ class LatentDataset:
                 clip_latents, cond = self.clip(rows[pick], base_index)
                 latents.append(clip_latents.flip(-1) if flip and flipped else clip_latents)
                 conds.append(cond)
+            uncond = self.uncond(base_index)
             return torch.cat(latents), torch.stack(conds), uncond.expand(n, *uncond.shape).clone()
 
         return data
