@@ -576,6 +576,8 @@ class LatentDataset:
         Clips are drawn with replacement and flipped left-right with probability 1/2 (the paper's random
         horizontal flips, §3.2), both from ``generator`` alone, so its state is the data position. The flip draws
         happen even with ``flip=False``, so switching flips off does not change which clips come.
+        Drawing reads files, so it belongs outside a traced iteration; a memory plan can take the shapes from
+        ``latent_shape`` and ``text_shape``, which opening the dataset reads from the manifest alone.
         """
         self._check_base(base_index)
         rows = self._lanes[base_index]
