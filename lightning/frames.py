@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInputError
+from .opencv import require_cv2
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -29,7 +30,7 @@ def image_files(folder: Path) -> list[Path]:
 
 def read_image(path: Path, *, who: str = "") -> np.ndarray:
     """``[H, W, 3]`` float32 RGB in 0..1 from 8- or 16-bit, grey, RGB or RGBA files (alpha dropped)."""
-    import cv2
+    cv2 = require_cv2("reading image frames")
 
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:

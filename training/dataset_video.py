@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lightning.errors import InvalidInputError
+from lightning.opencv import require_cv2
 from lightning.frames import image_files, natural_key, read_image
 
 from .dataset import (BuildReport, CacheWriter, _describe, _encode_one, as_bases, check_sizes, complete_conditioning,
@@ -53,7 +54,7 @@ def caption_path(video: Path) -> Path:
 
 
 def _open(path: Path):
-    import cv2
+    cv2 = require_cv2("the video dataset builder")
 
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
@@ -64,7 +65,7 @@ def _open(path: Path):
 
 def count_frames(path: Path) -> int | None:
     """Frames OpenCV can decode from a video file; None when it cannot decode the first one."""
-    import cv2
+    cv2 = require_cv2("the video dataset builder")
 
     capture = _open(path)
     if capture is None:
@@ -150,7 +151,7 @@ def scan_folder(folder: str | os.PathLike, *, frames: int, stride: int) -> list[
 
 def crop_and_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     """The largest centred window of the target aspect ratio, resized to ``width x height``."""
-    import cv2
+    cv2 = require_cv2("the video dataset builder")
 
     h, w = image.shape[:2]
     if w * height > h * width:  # wider than the target: crop the sides
@@ -169,7 +170,7 @@ def crop_and_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _decoded_frames(video: Video, wanted: set[int], width: int, height: int) -> Iterator[tuple[int, np.ndarray]]:
     """(index, RGB float32 frame at the training size) for the wanted indices, in order, as far as they exist."""
-    import cv2
+    cv2 = require_cv2("the video dataset builder")
 
     if video.is_frame_folder:
         files = image_files(video.path)
