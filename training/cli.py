@@ -96,7 +96,7 @@ def _install_signals(trainer) -> dict:
     return previous
 
 
-def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=None) -> int:
+def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(), out=None) -> int:
     from .loop import Interrupted, Trainer, pinned_threads
     from .run_dir import restore_state
 
@@ -105,7 +105,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=Non
     with pinned_threads(config.run.threads):
         _seed_everything(config.run.seed)
         setup = build_setup(config)
-        trainer = Trainer(setup, config, run_dir=run_dir)
+        trainer = Trainer(setup, config, run_dir=run_dir, hooks=hooks)
         if state is not None:
             meta = restore_state(trainer, state)
             run_dir.truncate_log(meta["iteration"])
@@ -134,7 +134,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=Non
     return 0
 
 
-def cmd_run(args, handle_signals: bool = True) -> int:
+def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
     from .run_dir import RunDir
 
     overrides = list(args.set or [])
@@ -142,10 +142,10 @@ def cmd_run(args, handle_signals: bool = True) -> int:
         overrides.append(f"run.seed={args.seed}")
     config = config_module.load(args.config, overrides)
     run_dir = RunDir.create(config, args.run_dir)
-    return _train(config, run_dir, handle_signals=handle_signals)
+    return _train(config, run_dir, handle_signals=handle_signals, hooks=hooks)
 
 
-def cmd_resume(args, handle_signals: bool = True) -> int:
+def cmd_resume(args, handle_signals: bool = True, hooks=()) -> int:
     from .run_dir import RunDir, read_state
 
     run_dir = RunDir.open(args.run_dir)
@@ -160,7 +160,7 @@ def cmd_resume(args, handle_signals: bool = True) -> int:
     if problems:
         raise ConfigError(f"cannot resume {os.fspath(run_dir.path)!r}:\n  " + "\n  ".join(problems))
     run_dir.write_config(config)
-    return _train(config, run_dir, state=state, handle_signals=handle_signals)
+    return _train(config, run_dir, state=state, handle_signals=handle_signals, hooks=hooks)
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -194,7 +194,8 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, missing
 
 
-def main(argv=None, *, handle_signals: bool = True) -> int:
+def main(argv=None, *, handle_signals: bool = True, hooks=()) -> int:
+    """The command line; ``hooks`` (``hook(event, record, trainer)``) are passed to the trainer of run/resume."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser, missing = make_parser()
     args = parser.parse_args(argv)
@@ -204,7 +205,7 @@ def main(argv=None, *, handle_signals: bool = True) -> int:
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     try:
         if handler in (cmd_run, cmd_resume):
-            return handler(args, handle_signals)
+            return handler(args, handle_signals, hooks)
         # estimate / dataset: registered by training.memory / training.dataset
         result = handler(args)
         return int(result or 0)
