@@ -153,6 +153,7 @@ def final_state(run: Path):
     return read_state(sorted((run / "state").glob("iter-*.safetensors"))[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mse", "adversarial"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, capsys, kind):
     overrides = sets(TINY + STAGES[kind])
