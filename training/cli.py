@@ -119,7 +119,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(
             print(f"{stop}; continue with: python -m training resume {os.fspath(run_dir.path)}",
                   file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, also on older releases
             print("out of device memory. Lower stage.clips or stage.micro_batch, or set "
                   "model.gradient_checkpointing=true, discriminator.gradient_checkpointing=true, "
                   "model.resident_bases=one, run.precision=bf16, discriminator.trainable=light; "
