@@ -1,0 +1,46 @@
+"""Launching torchrun from tests and benchmarks: loopback only, one thread per rank, a free port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_toy_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    out = dict(os.environ)
+    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1")
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    out.update(extra)
+    return out
+
+
+def torchrun_args(nproc: int, *, rdzv: bool = False, max_restarts: int = 0) -> list[str]:
+    """``python -m torch.distributed.run`` on 127.0.0.1: a static master, or the c10d rendezvous that a
+    multi-machine run uses (``--nnodes 1`` here)."""
+    port = free_port()
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if rdzv:
+        args += ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                 "--rdzv-id", f"test{port}"]
+    else:
+        args += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    if max_restarts:
+        args += ["--max-restarts", str(max_restarts)]
+    return args
+
+
+def run(args: list[str], *, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=kwargs.pop("env", None) or env(), capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

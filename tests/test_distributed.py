@@ -1,0 +1,140 @@
+"""Distillation across ranks (issue 12): bases to ranks, trainables-only all-reduce, equivalence with one process.
+
+The torchrun tests launch ``torch.distributed.run`` with 2 CPU ranks on gloo over 127.0.0.1 and compare with
+one process running every lane of the same tiny toy world.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from tests import distributed_tools as tools
+from training import distributed
+
+# --- bases to ranks -------------------------------------------------------------------------------------
+
+
+def test_one_base_per_rank_as_in_table_1():
+    rows = distributed.assignment_table(8, 8)
+    assert [r["bases"] for r in rows] == [[i] for i in range(8)]
+    assert all(r["replica"] == 0 for r in rows)
+    assert distributed.assign(8, 8, 3).total == 8
+
+
+def test_fewer_ranks_accumulate_their_share_and_scale_by_all_bases():
+    a = [distributed.assign(5, 2, r) for r in range(2)]
+    assert a[0].bases == (0, 2, 4) and a[1].bases == (1, 3)
+    assert sorted(b for x in a for b in x.bases) == list(range(5))
+    assert all(x.total == 5 and x.scale == pytest.approx(0.2) for x in a)
+
+
+def test_more_ranks_replicate_the_assignment_with_own_data_streams():
+    # 8 bases on 2 machines of 8 GPUs: the paper's 8-rank table twice
+    rows = distributed.assignment_table(8, 16)
+    assert [r["bases"][0] for r in rows] == list(range(8)) * 2
+    assert [r["replica"] for r in rows] == [0] * 8 + [1] * 8
+    assert distributed.assign(8, 16, 9).total == 16
+    seeds = {distributed.lane_seed(0, r["bases"][0], r["replica"]) for r in rows}
+    assert len(seeds) == 16  # every rank draws its own stream
+    # replica 0 draws what a single process running every lane draws
+    assert distributed.lane_seed(7, 3, 0) == distributed.lane_seed(7, 3)
+
+
+def test_uneven_replication_warns_that_bases_weigh_differently():
+    with pytest.warns(UserWarning, match="one replica more"):
+        distributed.assign(2, 3, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        distributed.assign(2, 4, 3)
+
+
+def test_bad_worlds_and_lane_lists_are_refused():
+    errors = pytest.importorskip("lightning.errors")
+    with pytest.raises(errors.InvalidInputError, match="at least one base"):
+        distributed.assign(0, 2, 0)
+    with pytest.raises(errors.InvalidInputError, match="not a valid rank"):
+        distributed.assign(2, 2, 2)
+    with pytest.raises(errors.InvalidInputError, match="3 lanes"):
+        distributed.select([1, 2, 3], distributed.assign(2, 2, 0))
+
+
+def test_device_per_local_rank():
+    assert distributed.device_for("cpu", 1, 2) == "cpu"
+    if not torch.cuda.is_available():
+        assert distributed.device_for("auto", 1, 2) == "cpu"
+    errors = pytest.importorskip("lightning.errors")
+    with pytest.raises(errors.InvalidInputError, match="all 2 ranks of this machine on one GPU"):
+        distributed.device_for("cuda:0", 0, 2)
+
+
+def test_single_process_is_untouched():
+    world, device = distributed.init("cpu", environ={})
+    assert not world.distributed and device == "cpu"
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    sync = distributed.GradientSync(world)
+    sync([p], 1)
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and sync.calls == 0
+    assert distributed.broadcast_module(torch.nn.Linear(2, 2), world) == 0
+    assert distributed.gather({"a": 1}, world) == [{"a": 1}]
+
+
+def test_buckets_split_by_size_and_dtype():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(10, dtype=torch.float64), torch.zeros(30)]
+    runs = distributed._buckets(ts, bucket_bytes=80)
+    assert sorted(map(sorted, runs)) == [[0, 1], [2], [3]]
+
+
+# --- under torchrun -------------------------------------------------------------------------------------
+
+def _load(path):
+    return torch.load(path, weights_only=True)
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _worker(tmp_path, name, phase, nproc, *extra, rdzv=False):
+    out = tmp_path / name
+    if nproc == 0:
+        cmd = [tools.sys.executable, str(tools.WORKER)]
+    else:
+        cmd = tools.torchrun_args(nproc, rdzv=rdzv) + [str(tools.WORKER)]
+    result = tools.run(cmd + [str(out), "--phase", phase, "--iterations", "3", *extra])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("phase", ["mse", "conditional"])
+def test_two_ranks_one_base_each_equal_one_process_with_both(tmp_path, phase):
+    single = _worker(tmp_path, "single", phase, 0)
+    multi = _worker(tmp_path, "multi", phase, 2, rdzv=(phase == "mse"))
+    initial = _worker(tmp_path, "initial", phase, 0, "--iterations", "0")
+    want = _load(single / "student_rank0.pt")
+    assert _max_diff(want, _load(initial / "student_rank0.pt")) > 1e-4  # the student did train
+    for rank in (0, 1):
+        assert _max_diff(want, _load(multi / f"student_rank{rank}.pt")) <= 1e-6
+        if phase != "mse":
+            assert _max_diff(_load(single / "disc_rank0.pt"), _load(multi / f"disc_rank{rank}.pt")) <= 1e-6
+        report = json.loads((multi / f"report_rank{rank}.json").read_text())
+        assert report["bases"] == [rank] and report["replicas_agree"]
+        # every frozen base on every rank is bit-identical to a freshly built one
+        assert report["base_hashes"] == report["fresh_hashes"]
+        # only the student's gradients travel: the mid motion module (the toy's only module with gradients)
+        student = want
+        grad_bytes = sum(t.numel() * t.element_size() for k, t in student.items() if k.startswith("mid_block."))
+        if phase == "mse":
+            assert report["bytes_last"] == grad_bytes and report["calls"] == 3
+
+
+def test_sharded_optimizer_state_gives_the_same_student(tmp_path):
+    single = _worker(tmp_path, "single", "mse", 0)
+    zero = _worker(tmp_path, "zero", "mse", 2, "--zero")
+    for rank in (0, 1):
+        assert _max_diff(_load(single / "student_rank0.pt"), _load(zero / f"student_rank{rank}.pt")) <= 1e-6
