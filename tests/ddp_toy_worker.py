@@ -5,7 +5,7 @@ it follows the trainer's contract: each lane's loss divided by the total lane pa
 trainables' gradients summed across ranks before every optimizer step, rank 0's initial trainables broadcast.
 It writes, per rank, the final student and discriminator and a hash of every frozen base it holds.
 
-    python tests/ddp_toy_worker.py OUT_DIR --phase mse|conditional [--iterations 3] [--bases 2]
+    python tests/ddp_toy_worker.py OUT_DIR [--phases mse,conditional] [--iterations 3] [--bases 2] [--zero]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,19 +40,8 @@ def tensor_hash(module) -> str:
     return h.hexdigest()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("out", type=Path)
-    parser.add_argument("--phase", choices=(distill.MSE, distill.CONDITIONAL, distill.UNCONDITIONAL), default="mse")
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--bases", type=int, default=2)
-    parser.add_argument("--clips", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-
-    world, device = distributed.init("cpu", timeout_s=60)
+def train_phase(args, phase: str, world, out: Path) -> dict:
+    """Train a fresh student for ``args.iterations`` iterations of one phase; write it (and D) under ``out``."""
     wcfg = world_mod.WorldConfig(frames=4, size=4, motions=4, styles=max(2, args.bases))
     toy = world_mod.ToyWorld(wcfg)
     bases = models.make_bases(toy, range(args.bases), width=8, seed=args.seed)
@@ -68,58 +58,87 @@ def main(argv=None) -> int:
     for p in student.parameters():  # the zero-initialised output would hide a missing broadcast
         p.data.add_(0.01 * torch.randn_like(p))
     distributed.broadcast_module(student, world)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.clone() for k, v in student.state_dict().items()}, out / f"initial_rank{world.rank}.pt")
     teacher = distill.frozen_copy(student)
-    stage = distill.Stage(8, 4, (distill.Phase(args.phase, args.iterations, 1e-2, (0.9, 0.999)),))
+    stage = distill.Stage(8, 4, (distill.Phase(phase, args.iterations, 1e-2, (0.9, 0.999)),))
     sync = distributed.GradientSync(world, assignment)
     params = distributed.trainable_parameters([student])
     opt = distributed.make_optimizer(params, torch.optim.Adam, world, shard_state=args.zero, lr=1e-2)
     disc = disc_opt = None
-    adversarial = args.phase != distill.MSE
-    conditional = args.phase == distill.CONDITIONAL
+    adversarial = phase != distill.MSE
+    conditional = phase == distill.CONDITIONAL
     if adversarial:
         disc = critic.toy_discriminator(conditional, base=bases[0], num_bases=len(lanes))
         distributed.broadcast_module(disc, world)
         disc_opt = distributed.make_optimizer(distributed.trainable_parameters([disc]), torch.optim.Adam, world,
                                               shard_state=args.zero, lr=1e-2, betas=(0.0, 0.99))
     scale = assignment.scale
+    student_bytes = []
+    started = time.perf_counter()
     for _ in range(args.iterations):
         pairs = [distill.draw_pair(stage, lane, teacher, args.clips, generators[lane.index]) for lane in mine]
         for pair, lane in zip(pairs, mine):
             pair.student = distill.student_jump(lane.base, student, pair)
-        if not adversarial:
-            opt.zero_grad(set_to_none=True)
+        if adversarial:
+            disc_opt.zero_grad(set_to_none=True)
             for pair in pairs:
-                (distill.mse_loss(pair.student, pair.teacher) * scale).backward()
-            sync(params, len(mine))
-            opt.step()
-            continue
-        disc_opt.zero_grad(set_to_none=True)
-        for pair in pairs:
-            real = distill.discriminate(disc, pair, pair.teacher, conditional)
-            fake = distill.discriminate(disc, pair, pair.student.detach(), conditional)
-            (distill.discriminator_loss(real, fake) * scale).backward()
-        sync(distributed.trainable_parameters([disc]), len(mine))
-        disc_opt.step()
+                real = distill.discriminate(disc, pair, pair.teacher, conditional)
+                fake = distill.discriminate(disc, pair, pair.student.detach(), conditional)
+                (distill.discriminator_loss(real, fake) * scale).backward()
+            sync(distributed.trainable_parameters([disc]), len(mine))
+            disc_opt.step()
         opt.zero_grad(set_to_none=True)
-        disc.requires_grad_(False)
+        if adversarial:
+            disc.requires_grad_(False)
         for pair in pairs:
-            (distill.generator_loss(distill.discriminate(disc, pair, pair.student, conditional)) * scale).backward()
-        disc.requires_grad_(True)
+            if adversarial:
+                loss = distill.generator_loss(distill.discriminate(disc, pair, pair.student, conditional))
+            else:
+                loss = distill.mse_loss(pair.student, pair.teacher)
+            (loss * scale).backward()
+        if adversarial:
+            disc.requires_grad_(True)
         sync(params, len(mine))
+        student_bytes.append(sync.bytes_last)
         opt.step()
+    seconds = time.perf_counter() - started
 
-    agree = distributed.replicas_agree(student, world)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.clone() for k, v in student.state_dict().items()}, args.out / f"student_rank{world.rank}.pt")
+    torch.save({k: v.clone() for k, v in student.state_dict().items()}, out / f"student_rank{world.rank}.pt")
     if disc is not None:
-        torch.save({k: v.clone() for k, v in disc.state_dict().items()}, args.out / f"disc_rank{world.rank}.pt")
+        torch.save({k: v.clone() for k, v in disc.state_dict().items()}, out / f"disc_rank{world.rank}.pt")
     fresh = models.make_bases(toy, range(args.bases), width=8, seed=args.seed)
-    report = {"rank": world.rank, "world_size": world.world_size, "bases": list(assignment.bases),
-              "replicas_agree": agree, "bytes_last": sync.bytes_last, "calls": sync.calls,
-              "base_hashes": {str(b.index): tensor_hash(b) for b in bases},
-              "fresh_hashes": {str(b.index): tensor_hash(b) for b in fresh},
-              "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
-    (args.out / f"report_rank{world.rank}.json").write_text(json.dumps(report))
+    return {"rank": world.rank, "world_size": world.world_size, "bases": list(assignment.bases),
+            "replicas_agree": distributed.replicas_agree(student, world), "student_sync_bytes": student_bytes,
+            "gradient_bytes": sum(p.numel() * p.element_size() for p in params if p.grad is not None),
+            "base_bytes": sum(t.numel() * t.element_size() for b in bases for t in b.state_dict().values()),
+            "calls": sync.calls, "seconds": seconds, "iterations": args.iterations,
+            "base_hashes": {str(b.index): tensor_hash(b) for b in bases},
+            "fresh_hashes": {str(b.index): tensor_hash(b) for b in fresh},
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--phases", default="mse", help="comma-separated: mse, conditional, unconditional, "
+                        "each optionally ':zero'; each trains a fresh student")
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--bases", type=int, default=2)
+    parser.add_argument("--clips", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zero", action="store_true", help="shard the optimizer state (ZeroRedundancyOptimizer)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    world, _ = distributed.init("cpu", timeout_s=60)
+    for spec in args.phases.split(","):
+        # "mse:zero" runs the MSE phase with a sharded optimizer state, written under "mse-zero"
+        phase, _, option = spec.partition(":")
+        out = args.out / spec.replace(":", "-")
+        report = train_phase(argparse.Namespace(**{**vars(args), "zero": args.zero or option == "zero"}), phase,
+                             world, out)
+        (out / f"report_rank{world.rank}.json").write_text(json.dumps(report))
     distributed.shutdown(world)
     return 0
 
