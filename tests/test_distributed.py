@@ -136,7 +136,6 @@ def test_two_ranks_one_base_each_equal_one_process_with_both(tmp_path, single_pr
             assert report["student_sync_bytes"] == [grad_bytes] * 3
             assert report["calls"] == (3 if phase == "mse" else 6)
 
-
     # ZeroRedundancyOptimizer: each rank keeps half of Adam's state; the update is the same
     for rank in (0, 1):
         assert _max_diff(_load(single_process / "mse" / "student_rank0.pt"),
