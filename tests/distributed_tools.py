@@ -44,3 +44,25 @@ def torchrun_args(nproc: int, *, rdzv: bool = False, max_restarts: int = 0) -> l
 def run(args: list[str], *, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=kwargs.pop("env", None) or env(), capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+def rank_pids(master_port: int, rank: int) -> list[int]:
+    """PIDs of the torchrun workers of the job on ``master_port`` with ``RANK=rank`` (Linux: /proc)."""
+    want = {f"MASTER_PORT={master_port}".encode(), f"RANK={rank}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= environ:
+            found.append(int(entry.name))
+    return found
+
+
+def master_port(args: list[str]) -> int:
+    if "--master-port" in args:
+        return int(args[args.index("--master-port") + 1])
+    return int(args[args.index("--rdzv-endpoint") + 1].rsplit(":", 1)[1])
