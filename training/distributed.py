@@ -458,12 +458,6 @@ def write_world_file(run_dir: Path, world: World, assignment: Assignment) -> Non
 
 # --- the trainer on one rank ----------------------------------------------------------------------------
 
-def _trainer_class():
-    from .loop import Trainer
-
-    return Trainer
-
-
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when ``flag`` is true on at least one (all ranks stop at the same iteration)."""
     if not world.distributed:
@@ -477,178 +471,202 @@ def make_trainer(setup, config, *, world: World | None = None, run_dir=None, hoo
     """The stage runner for this rank: ``training.loop.Trainer`` with the lanes, generators, all-reduce and
     checkpoint gathering of :class:`DistributedTrainer` (which is also what one process runs, so the same
     config computes the same thing on one GPU and on many)."""
-    return DistributedTrainer(setup, config, world=world or World(), run_dir=run_dir, hooks=hooks,
-                              placement=placement)
+    return trainer_class()(setup, config, world=world or World(), run_dir=run_dir, hooks=hooks,
+                           placement=placement)
 
 
-class DistributedTrainer(_trainer_class()):
-    """``Trainer`` on one rank of a torchrun job (or alone: ``World()``), through the loop's own hooks.
+def __getattr__(name: str):
+    if name == "DistributedTrainer":
+        return trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    - lanes: :func:`assign` (replicas beyond the base count), loss divisor :attr:`Assignment.total`;
-    - data: one generator per lane, seeded by :func:`lane_seed` (lane, replica), via ``data_generators``;
-    - ``sync_gradients``: :class:`GradientSync` over the trainables the loop passes (student, D);
-    - rank 0's student and each fresh discriminator are broadcast when placed; frozen bases are only
-      placed, on their own rank;
-    - ``save`` gathers every rank's RNG states and data positions first (a collective: every rank calls it),
-      then rank 0 writes them through ``extra_state``; ``restore_extra_state`` gives each rank its own back;
-    - a stop request (SIGINT/SIGTERM) on any rank stops every rank after the same iteration;
-    - after an error no rank saves (a peer may be gone; the collective would hang): the last checkpoint stays.
-    """
 
-    def __init__(self, setup, config, *, world: World, run_dir=None, hooks=(), placement=None):
-        if placement is None:
-            from .placement import Placement, resolve_device
+_TRAINER_CLASS = None
 
-            placement = Placement(resolve_device(config.run.device), config.run.precision,
-                                  config.model.resident_bases)
-        super().__init__(setup, config, run_dir=run_dir, hooks=hooks, placement=placement, rank=world.rank,
-                         world_size=world.world_size)
-        self.world = world
-        self.assignment = assign(len(setup.lanes), world.world_size, world.rank)
-        self.lanes = select(setup.lanes, self.assignment)
-        self.total_bases = self.assignment.total
-        self.generators = {lane.index: torch.Generator().manual_seed(
-            lane_seed(config.run.seed, lane.index, self.assignment.replica)) for lane in self.lanes}
-        dist_config = getattr(config, "distributed", None)
-        self.shard_optimizer = bool(getattr(dist_config, "shard_optimizer", False))
-        self.gradient_sync = GradientSync(world, self.assignment,
-                                          bucket_mb=getattr(dist_config, "bucket_mb", DEFAULT_BUCKET_MB))
-        self._gathered: list | None = None
 
-    # -- the loop's hooks ----------------------------------------------------------------------------------
+def trainer_class():
+    """:class:`DistributedTrainer`, defined on first use so that importing this module does not import the
+    loop (and with it every model dependency)."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is None:
+        from .loop import Trainer
 
-    def data_generators(self):
-        return self.generators
+        _TRAINER_CLASS = _define_trainer(Trainer)
+    return _TRAINER_CLASS
 
-    def sync_gradients(self, params, bases_here: int) -> None:
-        self.gradient_sync(params, bases_here)
 
-    def prepare(self) -> None:
-        if self._prepared:
-            return
-        full = self.setup
-        # place only this rank's bases (the others stay where the builder left them, never on this device)
-        self.setup = dataclasses.replace(full, lanes=list({id(lane): lane for lane in self.lanes}.values()))
-        try:
-            super().prepare()
-        finally:
-            self.setup = full
-        if broadcast_module(self.student, self.world) and self.owns_teacher:
-            self.teacher.load_state_dict(self.student.state_dict())  # the stage's teacher is rank 0's student too
+def _define_trainer(Trainer):  # noqa: N803 - the base class
+    class DistributedTrainer(Trainer):
+        """``Trainer`` on one rank of a torchrun job (or alone: ``World()``), through the loop's own hooks.
 
-    def begin_phase(self) -> None:
-        super().begin_phase()
-        broadcast_module(self.discriminator, self.world)
-        if self.shard_optimizer and self.world.distributed:
-            from torch.distributed.optim import ZeroRedundancyOptimizer
+        - lanes: :func:`assign` (replicas beyond the base count), loss divisor :attr:`Assignment.total`;
+        - data: one generator per lane, seeded by :func:`lane_seed` (lane, replica), via ``data_generators``;
+        - ``sync_gradients``: :class:`GradientSync` over the trainables the loop passes (student, D);
+        - rank 0's student and each fresh discriminator are broadcast when placed; frozen bases are only
+          placed, on their own rank;
+        - ``save`` gathers every rank's RNG states and data positions first (a collective: every rank calls it),
+          then rank 0 writes them through ``extra_state``; ``restore_extra_state`` gives each rank its own back;
+        - a stop request (SIGINT/SIGTERM) on any rank stops every rank after the same iteration;
+        - after an error no rank saves (a peer may be gone; the collective would hang): the last checkpoint stays.
+        """
 
-            def shard(optimizer):
-                if optimizer is None or isinstance(optimizer, ZeroRedundancyOptimizer):
-                    return optimizer
-                group = optimizer.param_groups[0]
-                kwargs = {k: v for k, v in group.items() if k != "params"}
-                return ZeroRedundancyOptimizer(group["params"], optimizer_class=type(optimizer), **kwargs)
+        def __init__(self, setup, config, *, world: World, run_dir=None, hooks=(), placement=None):
+            if placement is None:
+                from .placement import Placement, resolve_device
 
-            self.optimizer = shard(self.optimizer)
-            self.disc_optimizer = shard(self.disc_optimizer)
+                placement = Placement(resolve_device(config.run.device), config.run.precision,
+                                      config.model.resident_bases)
+            super().__init__(setup, config, run_dir=run_dir, hooks=hooks, placement=placement, rank=world.rank,
+                             world_size=world.world_size)
+            self.world = world
+            self.assignment = assign(len(setup.lanes), world.world_size, world.rank)
+            self.lanes = select(setup.lanes, self.assignment)
+            self.total_bases = self.assignment.total
+            self.generators = {lane.index: torch.Generator().manual_seed(
+                lane_seed(config.run.seed, lane.index, self.assignment.replica)) for lane in self.lanes}
+            dist_config = getattr(config, "distributed", None)
+            self.shard_optimizer = bool(getattr(dist_config, "shard_optimizer", False))
+            self.gradient_sync = GradientSync(world, self.assignment,
+                                              bucket_mb=getattr(dist_config, "bucket_mb", DEFAULT_BUCKET_MB))
+            self._gathered: list | None = None
 
-    def run_iteration(self) -> dict:
-        record = super().run_iteration()
-        if self.world.distributed:
-            # loss figures of this rank's lanes -> over all ranks (the losses are already divided by the total)
-            summed = [k for k in ("mse", "d", "g") if k in record]
-            averaged = [k for k in ("accuracy", "preference") if k in record]
-            weight = len(self.lanes) / self.total_bases
-            values = torch.tensor([record[k] for k in summed] + [record[k] * weight for k in averaged],
-                                  dtype=torch.float64, device=_meta_device(self.world))
-            if values.numel():
-                dist.all_reduce(values)
-                for k, v in zip(summed + averaged, values.tolist()):
-                    record[k] = v
-        return record
+        # -- the loop's hooks ----------------------------------------------------------------------------------
 
-    def _after_iteration(self, record: dict, progress) -> None:
-        super()._after_iteration(record, progress)
-        self.stop_requested = any_rank(self.stop_requested, self.world)
+        def data_generators(self):
+            return self.generators
 
-    def _save_after_error(self, error, snapshot, steps_before) -> None:
-        if self.world.distributed:
-            return  # a dead or failed peer would hang the gather; the last periodic checkpoint resumes
-        super()._save_after_error(error, snapshot, steps_before)
+        def sync_gradients(self, params, bases_here: int) -> None:
+            self.gradient_sync(params, bases_here)
 
-    def save(self, reason: str):
-        self._gathered = gather(self._rank_state(), self.world)
-        for optimizer in (self.optimizer, self.disc_optimizer):
-            if optimizer is not None and hasattr(optimizer, "consolidate_state_dict"):
-                optimizer.consolidate_state_dict(to=0)  # ZeRO: the whole state on rank 0 for the file
-        try:
-            return super().save(reason)
-        finally:
-            self._gathered = None
+        def prepare(self) -> None:
+            if self._prepared:
+                return
+            full = self.setup
+            # place only this rank's bases (the others stay where the builder left them, never on this device)
+            self.setup = dataclasses.replace(full, lanes=list({id(lane): lane for lane in self.lanes}.values()))
+            try:
+                super().prepare()
+            finally:
+                self.setup = full
+            if broadcast_module(self.student, self.world) and self.owns_teacher:
+                self.teacher.load_state_dict(self.student.state_dict())  # the stage's teacher is rank 0's student too
 
-    # -- state -----------------------------------------------------------------------------------------------
+        def begin_phase(self) -> None:
+            super().begin_phase()
+            broadcast_module(self.discriminator, self.world)
+            if self.shard_optimizer and self.world.distributed:
+                from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    def _rank_state(self) -> dict:
-        from .loop import capture_rng
+                def shard(optimizer):
+                    if optimizer is None or isinstance(optimizer, ZeroRedundancyOptimizer):
+                        return optimizer
+                    group = optimizer.param_groups[0]
+                    kwargs = {k: v for k, v in group.items() if k != "params"}
+                    return ZeroRedundancyOptimizer(group["params"], optimizer_class=type(optimizer), **kwargs)
 
-        rng = capture_rng(self.generator)
-        numpy_state = dict(rng["numpy"])
-        numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
-        return {"rank": self.world.rank, "replica": self.assignment.replica,
-                "torch": rng["torch"], "cuda": list(rng.get("cuda", [])),
-                "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]], "numpy": numpy_state,
-                "data": {str(index): g.get_state() for index, g in self.generators.items()}}
+                self.optimizer = shard(self.optimizer)
+                self.disc_optimizer = shard(self.disc_optimizer)
 
-    def extra_state(self) -> tuple[dict, dict]:
-        """Tensors and metadata the run folder adds to a state file (rank 0, after :meth:`save` gathered)."""
-        ranks = self._gathered if self._gathered is not None else [self._rank_state()]
-        tensors: dict[str, torch.Tensor] = {}
-        meta_ranks = []
-        for state in ranks:
-            r = state["rank"]
-            tensors[f"{STATE_KEY}.rank{r}.torch"] = state["torch"]
-            for i, cuda in enumerate(state["cuda"]):
-                tensors[f"{STATE_KEY}.rank{r}.cuda.{i}"] = cuda
-            for index, data in state["data"].items():
-                tensors[f"{STATE_KEY}.data.{index}.{state['replica']}"] = data
-            meta_ranks.append({"rank": r, "python": state["python"], "numpy": state["numpy"]})
-        record = world_record(self.world, self.assignment) | {"ranks": meta_ranks}
-        return tensors, {STATE_KEY: record}
+        def run_iteration(self) -> dict:
+            record = super().run_iteration()
+            if self.world.distributed:
+                # loss figures of this rank's lanes -> over all ranks (the losses are already divided by the total)
+                summed = [k for k in ("mse", "d", "g") if k in record]
+                averaged = [k for k in ("accuracy", "preference") if k in record]
+                weight = len(self.lanes) / self.total_bases
+                values = torch.tensor([record[k] for k in summed] + [record[k] * weight for k in averaged],
+                                      dtype=torch.float64, device=_meta_device(self.world))
+                if values.numel():
+                    dist.all_reduce(values)
+                    for k, v in zip(summed + averaged, values.tolist()):
+                        record[k] = v
+            return record
 
-    def restore_extra_state(self, tensors: dict, meta: dict) -> None:
-        import random
+        def _after_iteration(self, record: dict, progress) -> None:
+            super()._after_iteration(record, progress)
+            self.stop_requested = any_rank(self.stop_requested, self.world)
 
-        import numpy as np
+        def _save_after_error(self, error, snapshot, steps_before) -> None:
+            if self.world.distributed:
+                return  # a dead or failed peer would hang the gather; the last periodic checkpoint resumes
+            super()._save_after_error(error, snapshot, steps_before)
 
-        saved = meta.get(STATE_KEY)
-        if saved is None:
-            return  # a state without per-lane streams: the lanes keep their fresh seeds
-        exact = resume_is_exact(saved, self.world, self.assignment)
-        missing = []
-        for index, g in self.generators.items():
-            key = f"{STATE_KEY}.data.{index}.{self.assignment.replica}"
-            if key in tensors:
-                g.set_state(tensors[key])
-            else:
-                missing.append(index)
-        if exact:
-            r = self.world.rank
-            torch.set_rng_state(tensors[f"{STATE_KEY}.rank{r}.torch"])
-            cuda = sorted(k for k in tensors if k.startswith(f"{STATE_KEY}.rank{r}.cuda."))
-            if cuda and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-            mine = next(s for s in saved["ranks"] if s["rank"] == r)
-            py = mine["python"]
-            random.setstate((py[0], tuple(py[1]), py[2]))
-            numpy_state = dict(mine["numpy"])
-            numpy_state["state"] = {**numpy_state["state"],
-                                    "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
-            np.random.set_state(numpy_state)
-        elif self.world.is_main:
-            warnings.warn(
-                f"resuming a state saved on {saved.get('world_size')} rank(s) on {self.world.world_size}: bases are "
-                "reassigned and data streams regrouped, so the run continues correctly but not bit for bit"
-                + (f"; lanes {missing} start fresh data streams" if missing else ""), stacklevel=2)
+        def save(self, reason: str):
+            self._gathered = gather(self._rank_state(), self.world)
+            for optimizer in (self.optimizer, self.disc_optimizer):
+                if optimizer is not None and hasattr(optimizer, "consolidate_state_dict"):
+                    optimizer.consolidate_state_dict(to=0)  # ZeRO: the whole state on rank 0 for the file
+            try:
+                return super().save(reason)
+            finally:
+                self._gathered = None
+
+        # -- state -----------------------------------------------------------------------------------------------
+
+        def _rank_state(self) -> dict:
+            from .loop import capture_rng
+
+            rng = capture_rng(self.generator)
+            numpy_state = dict(rng["numpy"])
+            numpy_state["state"] = {**numpy_state["state"], "key": numpy_state["state"]["key"].tolist()}
+            return {"rank": self.world.rank, "replica": self.assignment.replica,
+                    "torch": rng["torch"], "cuda": list(rng.get("cuda", [])),
+                    "python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]], "numpy": numpy_state,
+                    "data": {str(index): g.get_state() for index, g in self.generators.items()}}
+
+        def extra_state(self) -> tuple[dict, dict]:
+            """Tensors and metadata the run folder adds to a state file (rank 0, after :meth:`save` gathered)."""
+            ranks = self._gathered if self._gathered is not None else [self._rank_state()]
+            tensors: dict[str, torch.Tensor] = {}
+            meta_ranks = []
+            for state in ranks:
+                r = state["rank"]
+                tensors[f"{STATE_KEY}.rank{r}.torch"] = state["torch"]
+                for i, cuda in enumerate(state["cuda"]):
+                    tensors[f"{STATE_KEY}.rank{r}.cuda.{i}"] = cuda
+                for index, data in state["data"].items():
+                    tensors[f"{STATE_KEY}.data.{index}.{state['replica']}"] = data
+                meta_ranks.append({"rank": r, "python": state["python"], "numpy": state["numpy"]})
+            record = world_record(self.world, self.assignment) | {"ranks": meta_ranks}
+            return tensors, {STATE_KEY: record}
+
+        def restore_extra_state(self, tensors: dict, meta: dict) -> None:
+            import random
+
+            import numpy as np
+
+            saved = meta.get(STATE_KEY)
+            if saved is None:
+                return  # a state without per-lane streams: the lanes keep their fresh seeds
+            exact = resume_is_exact(saved, self.world, self.assignment)
+            missing = []
+            for index, g in self.generators.items():
+                key = f"{STATE_KEY}.data.{index}.{self.assignment.replica}"
+                if key in tensors:
+                    g.set_state(tensors[key])
+                else:
+                    missing.append(index)
+            if exact:
+                r = self.world.rank
+                torch.set_rng_state(tensors[f"{STATE_KEY}.rank{r}.torch"])
+                cuda = sorted(k for k in tensors if k.startswith(f"{STATE_KEY}.rank{r}.cuda."))
+                if cuda and torch.cuda.is_available():
+                    torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+                mine = next(s for s in saved["ranks"] if s["rank"] == r)
+                py = mine["python"]
+                random.setstate((py[0], tuple(py[1]), py[2]))
+                numpy_state = dict(mine["numpy"])
+                numpy_state["state"] = {**numpy_state["state"],
+                                        "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}
+                np.random.set_state(numpy_state)
+            elif self.world.is_main:
+                warnings.warn(
+                    f"resuming a state saved on {saved.get('world_size')} rank(s) on {self.world.world_size}: bases are "
+                    "reassigned and data streams regrouped, so the run continues correctly but not bit for bit"
+                    + (f"; lanes {missing} start fresh data streams" if missing else ""), stacklevel=2)
+
+    DistributedTrainer.__qualname__ = "DistributedTrainer"
+    return DistributedTrainer
 
 
 # --- the run folder under torchrun ----------------------------------------------------------------------
