@@ -172,7 +172,7 @@ def scale_learning_rates(stages: Iterable[Stage], factor: float) -> tuple[Stage,
 
 def student_timesteps(stage: Stage) -> list[int]:
     """Start timesteps the student trains on: its own trailing grid plus the stage's extras, noisiest first."""
-    grid = {int(t) for t in schedule.timesteps(stage.student_steps, "trailing").tolist()}
+    grid = set(schedule.trailing_timesteps(stage.student_steps))
     return sorted(grid | set(stage.extra_timesteps), reverse=True)
 
 
@@ -183,7 +183,7 @@ def teacher_timesteps(stage: Stage, start: int) -> list[int]:
     whose strides are fractional, stay exactly nested); an extra start point off that grid steps by the
     stride, rounded as the trailing formula rounds. Anything past timestep 0 is the end of sampling.
     """
-    grid = [int(t) for t in schedule.timesteps(stage.teacher_steps, "trailing").tolist()] + [-1]
+    grid = schedule.trailing_timesteps(stage.teacher_steps) + [-1]
     if start in grid[:-1]:
         i = grid.index(start)
         return [grid[min(i + k, len(grid) - 1)] for k in range(stage.n + 1)]

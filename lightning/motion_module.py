@@ -191,9 +191,11 @@ class TemporalTransformer(nn.Module):
         clips, pixels = batch_frames // frames, height * width
         body = self.temporal_transformer
         block = body.transformer_blocks[0]
-        # In-place tricks save whole passes over memory but would break autograd's saved tensors.
+        # In-place tricks save whole passes over memory but would break autograd's saved tensors; under
+        # autocast (training in bf16/fp16) the in-place GEMMs would mix the autocast and the weight dtypes.
         inplace = not (torch.is_grad_enabled()
-                       and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+                       and (x.requires_grad or any(p.requires_grad for p in self.parameters()))) \
+            and not torch.is_autocast_enabled(x.device.type)
         input_dtype = x.dtype
         x = x.to(body.proj_in.weight.dtype)  # e.g. fp32 activations reaching an fp16 module
 

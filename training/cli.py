@@ -97,7 +97,8 @@ def _install_signals(trainer) -> dict:
     return previous
 
 
-def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=None, world=None, device=None) -> int:
+def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(), out=None, world=None,
+           device=None) -> int:
     from .loop import Interrupted, pinned_threads
     from .run_dir import restore_state
 
@@ -116,7 +117,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=Non
 
             placement = Placement(device, config.run.precision, config.model.resident_bases)
         trainer = distributed.make_trainer(setup, config, world=world, run_dir=run_dir if main else None,
-                                           placement=placement)
+                                           hooks=hooks, placement=placement)
         if main and world.distributed:
             distributed.write_world_file(run_dir.path, world, trainer.assignment)
             for row in distributed.assignment_table(len(setup.lanes), world.world_size):
@@ -158,7 +159,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, out=Non
     return 0
 
 
-def cmd_run(args, handle_signals: bool = True) -> int:
+def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
     from .run_dir import RunDir
 
     overrides = list(args.set or [])
@@ -170,16 +171,16 @@ def cmd_run(args, handle_signals: bool = True) -> int:
     restarted = distributed.broadcast_object(restarted, world)
     if restarted is not None:  # torchrun --max-restarts: continue the run this job was writing
         if RunDir(restarted).latest_state() is not None:
-            return cmd_resume(argparse.Namespace(run_dir=os.fspath(restarted), set=[]), handle_signals,
+            return cmd_resume(argparse.Namespace(run_dir=os.fspath(restarted), set=[]), handle_signals, hooks,
                               world=world, device=device)
         run_dir = RunDir(restarted)  # it died before its first checkpoint: start it again in place
     else:
         path = distributed.agree(world, lambda: RunDir.create(config, args.run_dir).path)
         run_dir = RunDir(path)
-    return _train(config, run_dir, handle_signals=handle_signals, world=world, device=device)
+    return _train(config, run_dir, handle_signals=handle_signals, hooks=hooks, world=world, device=device)
 
 
-def cmd_resume(args, handle_signals: bool = True, *, world=None, device=None) -> int:
+def cmd_resume(args, handle_signals: bool = True, hooks=(), *, world=None, device=None) -> int:
     from .run_dir import RunDir, read_state
 
     run_dir = RunDir(args.run_dir)
@@ -199,7 +200,8 @@ def cmd_resume(args, handle_signals: bool = True, *, world=None, device=None) ->
         raise ConfigError(f"cannot resume {os.fspath(run_dir.path)!r}:\n  " + "\n  ".join(problems))
     if world.is_main:
         run_dir.write_config(config)
-    return _train(config, run_dir, state=state, handle_signals=handle_signals, world=world, device=device)
+    return _train(config, run_dir, state=state, handle_signals=handle_signals, hooks=hooks, world=world,
+                  device=device)
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -233,7 +235,8 @@ def make_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, missing
 
 
-def main(argv=None, *, handle_signals: bool = True) -> int:
+def main(argv=None, *, handle_signals: bool = True, hooks=()) -> int:
+    """The command line; ``hooks`` (``hook(event, record, trainer)``) are passed to the trainer of run/resume."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser, missing = make_parser()
     args = parser.parse_args(argv)
@@ -243,7 +246,7 @@ def main(argv=None, *, handle_signals: bool = True) -> int:
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     try:
         if handler in (cmd_run, cmd_resume):
-            return handler(args, handle_signals)
+            return handler(args, handle_signals, hooks)
         # estimate / dataset: registered by training.memory / training.dataset
         result = handler(args)
         return int(result or 0)

@@ -568,6 +568,8 @@ def _define_trainer(Trainer):  # noqa: N803 - the base class
                 self.disc_optimizer = shard(self.disc_optimizer)
 
         def run_iteration(self) -> dict:
+            # where each lane's stream stood when the iteration began (an error inside it puts them back)
+            self._lane_snapshot = {index: g.get_state() for index, g in self.generators.items()}
             record = super().run_iteration()
             if self.world.distributed:
                 # loss figures of this rank's lanes -> over all ranks (the losses are already divided by the total)
@@ -589,6 +591,9 @@ def _define_trainer(Trainer):  # noqa: N803 - the base class
         def _save_after_error(self, error, snapshot, steps_before) -> None:
             if self.world.distributed:
                 return  # a dead or failed peer would hang the gather; the last periodic checkpoint resumes
+            if getattr(self, "_in_iteration", False) and getattr(self, "_lane_snapshot", None):
+                for index, state in self._lane_snapshot.items():
+                    self.generators[index].set_state(state)
             super()._save_after_error(error, snapshot, steps_before)
 
         def save(self, reason: str):
