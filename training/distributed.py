@@ -149,11 +149,18 @@ def init(requested_device: str = "auto", *, timeout_s: float = DEFAULT_TIMEOUT_S
     device = device_for(requested_device, local_rank, local_world_size)
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=float(timeout_s))}
+        timeout = datetime.timedelta(seconds=float(timeout_s))
+        kwargs: dict[str, Any] = {"timeout": timeout}
         if backend == "nccl":
             torch.cuda.set_device(torch.device(device))
             kwargs["device_id"] = torch.device(device)  # binds the communicator to this rank's GPU up front
-        dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
+        # torchrun keeps one key-value store (same MASTER_PORT) across --max-restarts restarts, so a restarted
+        # generation could read the previous one's connection addresses: gloo then connects to a dead rank
+        # (seen here as "connection refused" or a hang on every other restart). A per-attempt prefix keeps
+        # each generation's keys apart.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        store = dist.PrefixStore(f"adlightning/attempt{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
     return World(rank, world_size, local_rank, local_world_size, dist.get_backend(), restart), device
 
 
