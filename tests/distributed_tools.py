@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,9 +42,35 @@ def torchrun_args(nproc: int, *, rdzv: bool = False, max_restarts: int = 0) -> l
     return args
 
 
-def run(args: list[str], *, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=kwargs.pop("env", None) or env(), capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
+def start(args: list[str], **kwargs) -> subprocess.Popen:
+    """torchrun in a session of its own, so that :func:`stop` reaches its workers too."""
+    return subprocess.Popen(args, cwd=REPO, env=kwargs.pop("env", None) or env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill the launcher and every process it started (workers outlive a killed launcher otherwise)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def finish(process: subprocess.Popen, timeout: float) -> subprocess.CompletedProcess:
+    """Wait for the job; on timeout kill its whole process group and fail with what it printed."""
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        out, err = process.communicate()
+        raise AssertionError(f"the job did not finish within {timeout} s:\n{out[-2000:]}\n{err[-3000:]}") from None
+    finally:
+        stop(process)  # no stray worker may survive the test
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def run(args: list[str], *, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
+    return finish(start(args, **kwargs), timeout)
 
 
 def rank_pids(master_port: int, rank: int) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -67,10 +66,9 @@ def _max_diff(a, b) -> float:
 
 def _start_and_kill_rank1(args: list[str], run_dir, *, after_state: int):
     """Start torchrun, SIGKILL rank 1 once ``after_state`` checkpoints exist; returns (process, kill time)."""
-    process = subprocess.Popen(args, cwd=tools.REPO, env=tools.env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = tools.start(args)
     port = tools.master_port(args)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 150
     while time.monotonic() < deadline and process.poll() is None:
         states = list((run_dir / "state").glob("iter-*.safetensors")) if (run_dir / "state").is_dir() else []
         if len(states) >= after_state:
@@ -80,17 +78,18 @@ def _start_and_kill_rank1(args: list[str], run_dir, *, after_state: int):
                     os.kill(pid, signal.SIGKILL)
                 return process, time.monotonic()
         time.sleep(0.02)
-    process.kill()
-    out = process.communicate()[0]
-    pytest.fail(f"the run ended or stalled before rank 1 could be killed:\n{out[-3000:]}")
+    tools.stop(process)
+    out, err = process.communicate()
+    pytest.fail(f"the run ended or stalled before rank 1 could be killed:\n{out[-2000:]}\n{err[-3000:]}")
 
 
 def test_killed_rank_stops_the_job_naming_it_and_resume_finishes_the_same(config, uninterrupted):
     run_dir = config.parent / "runs" / "killed"
     args = tools.torchrun_args(2) + ["-m", "training", "run", str(config), "--run-dir", str(run_dir)]
     process, killed_at = _start_and_kill_rank1(args, run_dir, after_state=3)
-    out = process.communicate(timeout=90)[0]
-    assert process.returncode != 0
+    result = tools.finish(process, timeout=90)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
     assert time.monotonic() - killed_at < 60
     # torchrun's failure report names the rank that died and its signal
     assert "rank      : 1" in out and "SIGKILL" in out, out[-3000:]
@@ -107,7 +106,8 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(config, uninterrupted)
     run_dir = config.parent / "runs" / "elastic"
     args = tools.torchrun_args(2, max_restarts=1) + ["-m", "training", "run", str(config), "--run-dir", str(run_dir)]
     process, _ = _start_and_kill_rank1(args, run_dir, after_state=2)
-    out = process.communicate(timeout=120)[0]
-    assert process.returncode == 0, out[-3000:]
+    result = tools.finish(process, timeout=150)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
     assert "resuming 8->4 at iteration" in out
     assert _max_diff(uninterrupted, load_file(run_dir / STUDENT)) <= 1e-6

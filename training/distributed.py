@@ -577,8 +577,10 @@ def _define_trainer(Trainer):  # noqa: N803 - the base class
         def run_iteration(self) -> dict:
             # where each lane's stream stood when the iteration began (an error inside it puts them back)
             self._lane_snapshot = {index: g.get_state() for index, g in self.generators.items()}
+            sent_before = self.gradient_sync.bytes_total
             record = super().run_iteration()
             if self.world.distributed:
+                record["allreduce_bytes"] = self.gradient_sync.bytes_total - sent_before  # gradients only
                 # loss figures of this rank's lanes -> over all ranks (the losses are already divided by the total)
                 summed = [k for k in ("mse", "d", "g") if k in record]
                 averaged = [k for k in ("accuracy", "preference") if k in record]
