@@ -89,6 +89,24 @@ def test_buckets_split_by_size_and_dtype():
     assert sorted(map(sorted, runs)) == [[0, 1], [2], [3]]
 
 
+def test_a_restarted_job_finds_the_run_folder_it_was_writing(tmp_path, monkeypatch):
+    from training.config import Config
+
+    config = Config()
+    config.run.runs_dir, config.run.name = str(tmp_path), "xmodel"
+    for name, run_id in (("xmodel-1", "job-a"), ("xmodel-2", "job-b"), ("other-3", "job-a")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.toml").write_text("")
+        (tmp_path / name / "distributed.json").write_text(json.dumps({"run_id": run_id}))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-a")
+    first = distributed.World(0, 2, backend="gloo", restart=0)
+    again = distributed.World(0, 2, backend="gloo", restart=1)
+    assert distributed.restarted_run(first, config, None) is None  # a first start never resumes
+    assert distributed.restarted_run(again, config, None) == tmp_path / "xmodel-1"
+    assert distributed.restarted_run(again, config, str(tmp_path / "xmodel-2")) == tmp_path / "xmodel-2"
+    assert distributed.restarted_run(again, config, str(tmp_path / "new")) is None
+
+
 # --- under torchrun -------------------------------------------------------------------------------------
 
 def _load(path):

@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from tests import distributed_tools as tools

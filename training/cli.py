@@ -167,8 +167,7 @@ def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
         overrides.append(f"run.seed={args.seed}")
     config = config_module.load(args.config, overrides)
     world, device = distributed.init(config.run.device, timeout_s=config.distributed.timeout_s)
-    restarted = distributed.restarted_run(world, config, args.run_dir) if world.is_main else None
-    restarted = distributed.broadcast_object(restarted, world)
+    restarted = distributed.agree(world, lambda: distributed.restarted_run(world, config, args.run_dir))
     if restarted is not None:  # torchrun --max-restarts: continue the run this job was writing
         if RunDir(restarted).latest_state() is not None:
             return cmd_resume(argparse.Namespace(run_dir=os.fspath(restarted), set=[]), handle_signals, hooks,
