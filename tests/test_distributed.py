@@ -133,6 +133,7 @@ def single_process(tmp_path_factory):
     return _worker(tmp_path_factory.mktemp("single"), 0, "--phases", "mse,conditional")
 
 
+@pytest.mark.slow
 def test_two_ranks_one_base_each_equal_one_process_with_both(tmp_path, single_process):
     # the c10d rendezvous is what a multi-machine run uses; here on one node over loopback
     multi = _worker(tmp_path, 2, "--phases", "mse,conditional,mse:zero", rdzv=True)

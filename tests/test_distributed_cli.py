@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from tests import distributed_tools as tools
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the rank's process through /proc")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the rank's process through /proc")]
 
 CONFIG = """
 [run]
