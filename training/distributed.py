@@ -29,6 +29,11 @@ module does the same with ``torch.distributed``:
   bases are reassigned and the data streams regrouped, which is a correct but not bit-exact continuation.
 - **Failures**: collectives time out (``timeout_s``), a rank that raises prints its rank before exiting, and
   torchrun's own report names the rank that died; ``--max-restarts`` restarts resume from the run folder.
+
+``python -m training run/resume`` always trains through :func:`make_trainer` (``DistributedTrainer``, a
+``training.loop.Trainer`` using the loop's hooks ``data_generators``, ``sync_gradients``, ``extra_state`` /
+``restore_extra_state``), in one process as ``World()``: so one GPU and N ranks compute the same updates from
+the same config (to float rounding of the summation order).
 """
 
 from __future__ import annotations
