@@ -99,6 +99,9 @@ def train_phase(args, phase: str, world, out: Path) -> dict:
         if adversarial:
             disc.requires_grad_(True)
         sync(params, len(mine))
+        if not student_bytes:  # the first update's summed gradient, before Adam
+            torch.save({name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None},
+                       out / f"grads_rank{world.rank}.pt")
         student_bytes.append(sync.bytes_last)
         opt.step()
     seconds = time.perf_counter() - started
@@ -132,11 +135,13 @@ def main(argv=None) -> int:
 
     world, _ = distributed.init("cpu", timeout_s=60)
     for spec in args.phases.split(","):
-        # "mse:zero" runs the MSE phase with a sharded optimizer state, written under "mse-zero"
-        phase, _, option = spec.partition(":")
+        # "mse:zero" runs the MSE phase with a sharded optimizer state, written under "mse-zero";
+        # "mse:bases=3" with three bases (uneven over two ranks), written under "mse-bases=3"
+        phase, *options = spec.split(":")
+        changes = {"zero": args.zero or "zero" in options}
+        changes.update({k: int(v) for k, _, v in (o.partition("=") for o in options) if k == "bases"})
         out = args.out / spec.replace(":", "-")
-        report = train_phase(argparse.Namespace(**{**vars(args), "zero": args.zero or option == "zero"}), phase,
-                             world, out)
+        report = train_phase(argparse.Namespace(**{**vars(args), **changes}), phase, world, out)
         (out / f"report_rank{world.rank}.json").write_text(json.dumps(report))
     distributed.shutdown(world)
     return 0

@@ -130,13 +130,13 @@ def _worker(out, nproc, *extra, rdzv=False):
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    return _worker(tmp_path_factory.mktemp("single"), 0, "--phases", "mse,conditional")
+    return _worker(tmp_path_factory.mktemp("single"), 0, "--phases", "mse,conditional,mse:bases=3")
 
 
 @pytest.mark.slow
 def test_two_ranks_one_base_each_equal_one_process_with_both(tmp_path, single_process):
     # the c10d rendezvous is what a multi-machine run uses; here on one node over loopback
-    multi = _worker(tmp_path, 2, "--phases", "mse,conditional,mse:zero", rdzv=True)
+    multi = _worker(tmp_path, 2, "--phases", "mse,conditional,mse:zero,mse:bases=3", rdzv=True)
     for phase in ("mse", "conditional"):
         want = _load(single_process / phase / "student_rank0.pt")
         assert _max_diff(want, _load(single_process / phase / "initial_rank0.pt")) > 1e-4  # it did train
@@ -159,3 +159,15 @@ def test_two_ranks_one_base_each_equal_one_process_with_both(tmp_path, single_pr
     for rank in (0, 1):
         assert _max_diff(_load(single_process / "mse" / "student_rank0.pt"),
                          _load(multi / "mse-zero" / f"student_rank{rank}.pt")) <= 1e-6
+    # three bases on two ranks (bases 0 and 2 on rank 0, base 1 on rank 1): still the mean over all three.
+    # The sums now run in a different order, and Adam turns rounding on near-zero gradient entries into steps
+    # of up to lr, so the gradient is what is compared tightly; a wrong weighting (1/4, 1/4, 1/2) would be off
+    # by the size of a whole base's gradient.
+    want = _load(single_process / "mse-bases=3" / "grads_rank0.pt")
+    scale = max(float(g.abs().max()) for g in want.values())
+    for rank in (0, 1):
+        report = json.loads((multi / "mse-bases=3" / f"report_rank{rank}.json").read_text())
+        assert report["bases"] == ([0, 2] if rank == 0 else [1])
+        assert _max_diff(want, _load(multi / "mse-bases=3" / f"grads_rank{rank}.pt")) <= 1e-6 * scale
+        assert _max_diff(_load(single_process / "mse-bases=3" / "student_rank0.pt"),
+                         _load(multi / "mse-bases=3" / f"student_rank{rank}.pt")) <= 1e-4
