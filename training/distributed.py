@@ -21,7 +21,7 @@ module does the same with ``torch.distributed``:
   A flat all-reduce after backward gives identical numbers (checked against DDP) with none of those rules;
   what it gives up is overlapping communication with the backward pass, a small cost next to a video UNet's
   backward (see the README's scaling notes).
-- **Initial weights**: rank 0's trainables are broadcast (:func:`broadcast_module`) whenever a trainable model
+- **Initial weights**: rank 0's copy of a trainable model is broadcast (:func:`broadcast_module`) whenever one
   is created (the student at start, each phase's fresh discriminator). Frozen bases are never registered,
   broadcast or all-reduced: each rank keeps the checkpoint it loaded.
 - **State**: rank 0 writes checkpoints; every rank's RNG states and data positions are gathered first
@@ -314,14 +314,15 @@ def _reduce_flat(tensors: list[torch.Tensor], op, bucket_bytes: int) -> int:
 
 def broadcast_module(module: nn.Module | None, world: World, *, src: int = 0,
                      bucket_mb: float = DEFAULT_BUCKET_MB) -> int:
-    """Give every rank rank ``src``'s trainable parameters (and the module's buffers); returns bytes sent.
+    """Give every rank rank ``src``'s copy of a trainable model (student, discriminator); returns bytes sent.
 
-    Only for trainable models (student, discriminator): frozen parameters are skipped, so a frozen part that
-    rides inside a trainable model keeps each rank's own copy (it is the same file on every rank anyway).
+    The whole model, parameters and buffers: with ``discriminator.trainable = "light"`` part of D is frozen,
+    and a builder may initialise it from the base it has at hand, which differs per rank; D must still be one
+    model. Never called on a frozen base.
     """
     if module is None or not world.distributed or world.world_size == 1:
         return 0
-    tensors = [p.data for p in module.parameters() if p.requires_grad] + [b for b in module.buffers()]
+    tensors = [p.data for p in module.parameters()] + [b for b in module.buffers()]
     return _reduce_flat(tensors, lambda t: dist.broadcast(t, src=src), int(bucket_mb * 2 ** 20))
 
 
