@@ -27,6 +27,7 @@ import torch
 from lightning.errors import LightningError
 
 from . import config as config_module
+from . import distributed
 from .config import Config, ConfigError
 
 EXIT_INTERRUPTED = 130
@@ -96,41 +97,65 @@ def _install_signals(trainer) -> dict:
     return previous
 
 
-def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(), out=None) -> int:
-    from .loop import Interrupted, Trainer, pinned_threads
+def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(), out=None, world=None,
+           device=None) -> int:
+    from .loop import Interrupted, pinned_threads
     from .run_dir import restore_state
 
+    # training.distributed: one process is World(); under torchrun every rank runs this, rank 0 writes
+    world = world or distributed.World()
+    main = world.is_main
     out = out or sys.stdout
-    print(os.fspath(run_dir.path), file=out, flush=True)
+    if main:
+        print(os.fspath(run_dir.path), file=out, flush=True)
     with pinned_threads(config.run.threads):
         _seed_everything(config.run.seed)
         setup = build_setup(config)
-        trainer = Trainer(setup, config, run_dir=run_dir, hooks=hooks)
+        placement = None
+        if device is not None and world.distributed:  # this rank's GPU (LOCAL_RANK)
+            from .placement import Placement
+
+            placement = Placement(device, config.run.precision, config.model.resident_bases)
+        trainer = distributed.make_trainer(setup, config, world=world, run_dir=run_dir if main else None,
+                                           hooks=hooks, placement=placement)
+        if main and world.distributed:
+            distributed.write_world_file(run_dir.path, world, trainer.assignment)
+            for row in distributed.assignment_table(len(setup.lanes), world.world_size):
+                print(f"rank {row['rank']}: bases {row['bases']} (replica {row['replica']})", file=sys.stderr)
         if state is not None:
             meta = restore_state(trainer, state)
-            run_dir.truncate_log(meta["iteration"])
-            print(f"resuming {meta['stage']} at iteration {meta['iteration']} ({meta['phase']} phase, step "
-                  f"{meta['step']})", file=sys.stderr, flush=True)
+            if main:
+                run_dir.truncate_log(meta["iteration"])
+                print(f"resuming {meta['stage']} at iteration {meta['iteration']} ({meta['phase']} phase, step "
+                      f"{meta['step']})", file=sys.stderr, flush=True)
         total = sum(p.iterations for p in trainer.stage.phases)
         previous = _install_signals(trainer) if handle_signals else {}
         try:
-            trainer.run(progress=Progress(total))
+            trainer.run(progress=Progress(total) if main else None)
         except Interrupted as stop:
-            print(f"{stop}; continue with: python -m training resume {os.fspath(run_dir.path)}",
-                  file=sys.stderr, flush=True)
+            if main:
+                print(f"{stop}; continue with: python -m training resume {os.fspath(run_dir.path)}",
+                      file=sys.stderr, flush=True)
+            distributed.shutdown(world)
             return EXIT_INTERRUPTED
-        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, also on older releases
+        except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError, also on older releases
             print("out of device memory. Lower stage.clips or stage.micro_batch, or set "
                   "model.gradient_checkpointing=true, discriminator.gradient_checkpointing=true, "
                   "model.resident_bases=one, run.precision=bf16, discriminator.trainable=light; "
                   "`python -m training estimate CONFIG` shows what fits. The state after the last whole "
                   f"iteration is in {os.fspath(run_dir.state_dir)}.", file=sys.stderr, flush=True)
+            distributed.abort(world, error)
+            raise
+        except Exception as error:
+            distributed.abort(world, error)  # names the rank; torchrun then stops the others
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    student = run_dir.students_dir
-    print(f"done: {trainer.iteration} iterations; student in {os.fspath(student)}", file=sys.stderr, flush=True)
+    distributed.shutdown(world)
+    if main:
+        print(f"done: {trainer.iteration} iterations; student in {os.fspath(run_dir.students_dir)}",
+              file=sys.stderr, flush=True)
     return 0
 
 
@@ -142,16 +167,29 @@ def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
         overrides.append(f"run.seed={args.seed}")
     config = config_module.load(args.config, overrides)
     setup_builder(config)  # fail before a run folder exists
-    run_dir = RunDir.create(config, args.run_dir)
-    return _train(config, run_dir, handle_signals=handle_signals, hooks=hooks)
+    world, device = distributed.init(config.run.device, timeout_s=config.distributed.timeout_s)
+    restarted = distributed.agree(world, lambda: distributed.restarted_run(world, config, args.run_dir))
+    if restarted is not None:  # torchrun --max-restarts: continue the run this job was writing
+        if RunDir(restarted).latest_state() is not None:
+            return cmd_resume(argparse.Namespace(run_dir=os.fspath(restarted), set=[]), handle_signals, hooks,
+                              world=world, device=device)
+        run_dir = RunDir(restarted)  # it died before its first checkpoint: start it again in place
+    else:
+        path = distributed.agree(world, lambda: RunDir.create(config, args.run_dir).path)
+        run_dir = RunDir(path)
+    return _train(config, run_dir, handle_signals=handle_signals, hooks=hooks, world=world, device=device)
 
 
-def cmd_resume(args, handle_signals: bool = True, hooks=()) -> int:
+def cmd_resume(args, handle_signals: bool = True, hooks=(), *, world=None, device=None) -> int:
     from .run_dir import RunDir, read_state
 
-    run_dir = RunDir.open(args.run_dir)
-    config = config_module.load(run_dir.config_path, list(args.set or []))
-    state = run_dir.latest_state()
+    run_dir = RunDir(args.run_dir)
+    config = config_module.load(RunDir.open(args.run_dir).config_path if world is None or world.is_main
+                                else run_dir.config_path, list(args.set or []))
+    if world is None:
+        world, device = distributed.init(config.run.device, timeout_s=config.distributed.timeout_s)
+    # rank 0 picks the state (every rank then reads the same file: a shared folder across machines)
+    state = distributed.agree(world, run_dir.latest_state)
     if state is None:
         raise ConfigError(f"{os.fspath(run_dir.path)!r} has no saved state yet; start it again with "
                           f"`python -m training run {os.fspath(run_dir.config_path)} --run-dir <new folder>`")
@@ -160,8 +198,10 @@ def cmd_resume(args, handle_signals: bool = True, hooks=()) -> int:
     problems = config_module.resume_conflicts(saved, config, completed_iterations=meta["step"])
     if problems:
         raise ConfigError(f"cannot resume {os.fspath(run_dir.path)!r}:\n  " + "\n  ".join(problems))
-    run_dir.write_config(config)
-    return _train(config, run_dir, state=state, handle_signals=handle_signals, hooks=hooks)
+    if world.is_main:
+        run_dir.write_config(config)
+    return _train(config, run_dir, state=state, handle_signals=handle_signals, hooks=hooks, world=world,
+                  device=device)
 
 
 def make_parser() -> tuple[argparse.ArgumentParser, dict]:

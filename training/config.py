@@ -96,6 +96,15 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Only read under torchrun (training.distributed); one process ignores it."""
+
+    shard_optimizer: bool = False  # ZeroRedundancyOptimizer: Adam state split over ranks (small GPUs)
+    timeout_s: float = 600.0  # a collective waiting longer means a rank is gone or hung: stop the job
+    bucket_mb: float = 64.0  # gradient all-reduce bucket size (bounds the flat copy of the gradients)
+
+
+@dataclasses.dataclass
 class Config:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -104,6 +113,7 @@ class Config:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     # -- checks -------------------------------------------------------------------------------------------
 
@@ -131,6 +141,9 @@ class Config:
         if self.stage.clips % self.stage.micro_batch:
             raise ConfigError(f"stage.micro_batch = {self.stage.micro_batch} must divide stage.clips = "
                               f"{self.stage.clips} (every micro-batch has the same size)")
+        for key in ("distributed.timeout_s", "distributed.bucket_mb"):
+            if not _get(self, key) > 0:
+                raise ConfigError(f"{key} = {_get(self, key)!r} must be positive")
         for key in ("stage.lr", "stage.grad_clip"):
             value = _get(self, key)
             if not math.isfinite(value) or value < 0:
@@ -177,7 +190,8 @@ _ZERO_MEANS = {"stage.lr": "the paper's learning rate", "stage.grad_clip": "no c
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in (
     ("run", RunConfig), ("model", ModelConfig), ("stage", StageConfig), ("discriminator", DiscriminatorConfig),
-    ("data", DataConfig), ("checkpoint", CheckpointConfig), ("validation", ValidationConfig))}
+    ("data", DataConfig), ("checkpoint", CheckpointConfig), ("validation", ValidationConfig),
+    ("distributed", DistributedConfig))}
 
 
 def keys() -> list[str]:
@@ -292,7 +306,9 @@ def dumps(config: Config) -> str:
 #: same math is placed on the device). Everything else must match the checkpoint.
 RESUME_FREE = {"run.name", "run.runs_dir", "run.device", "run.threads", "model.resident_bases",
                "model.gradient_checkpointing", "discriminator.gradient_checkpointing", "checkpoint.every",
-               "checkpoint.keep", "validation.every", "validation.prompts", "validation.seeds"}
+               "checkpoint.keep", "validation.every", "validation.prompts", "validation.seeds",
+               # the same update on any number of ranks; the state is saved whole either way
+               "distributed.shard_optimizer", "distributed.timeout_s", "distributed.bucket_mb"}
 
 
 def resume_conflicts(saved: Config, new: Config, *, completed_iterations: int = 0) -> list[str]:

@@ -32,7 +32,7 @@ import logging
 import random
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -182,7 +182,8 @@ def micro_batches(clips: int, micro_batch: int | None) -> list[int]:
 
 
 def train_iteration(stage: Stage, phase: Phase, lanes: Sequence[Lane], student: nn.Module,
-                    teacher: nn.Module | None, optimizer: torch.optim.Optimizer, *, generator: torch.Generator,
+                    teacher: nn.Module | None, optimizer: torch.optim.Optimizer, *,
+                    generator: torch.Generator | Mapping[int, torch.Generator],
                     clips: int, micro_batch: int | None = None, discriminator: nn.Module | None = None,
                     disc_optimizer: torch.optim.Optimizer | None = None, placement: Placement | None = None,
                     total_bases: int | None = None, grad_clip: float = 0.0, scaler=None,
@@ -190,7 +191,9 @@ def train_iteration(stage: Stage, phase: Phase, lanes: Sequence[Lane], student: 
     """One iteration of ``phase`` over ``lanes``; updates ``student`` (and the discriminator) in place.
 
     ``clips`` per lane, in micro-batches of ``micro_batch``; ``total_bases`` is the number of bases over all
-    ranks (default: ``len(lanes)``). Returns 0-dim tensors: ``mse`` and ``grad_norm``, or ``d``, ``g``,
+    ranks (default: ``len(lanes)``). ``generator`` is one generator for every lane, or one per lane index
+    (``{lane.index: generator}``: each lane's draws then do not depend on which other lanes run here, which
+    is what lets ranks split the lanes of one run; see ``training.distributed``). Returns 0-dim tensors: ``mse`` and ``grad_norm``, or ``d``, ``g``,
     ``accuracy``, ``preference``, ``d_grad_norm`` and ``grad_norm`` (loss figures are means over all clips of
     the lanes here, in units of one base's loss times ``len(lanes) / total_bases``).
     """
@@ -204,8 +207,9 @@ def train_iteration(stage: Stage, phase: Phase, lanes: Sequence[Lane], student: 
         (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def draw(lane, n):
+        lane_generator = generator[lane.index] if isinstance(generator, Mapping) else generator
         with placement.autocast():
-            return distill.draw_pair(stage, lane, teacher, n, generator, device=device)
+            return distill.draw_pair(stage, lane, teacher, n, lane_generator, device=device)
 
     if not phase.adversarial:
         optimizer.zero_grad(set_to_none=True)
@@ -359,6 +363,10 @@ class Trainer:
     def clips_for(self, phase: Phase) -> int:
         return phase.clips or self.config.stage.clips
 
+    def data_generators(self) -> torch.Generator | Mapping[int, torch.Generator]:
+        """What :func:`train_iteration` draws from: one generator here; per lane in ``training.distributed``."""
+        return self.generator
+
     def sync_gradients(self, params: Sequence[torch.Tensor], bases_here: int) -> None:
         """The data-parallel all-reduce of the trainables' gradients; one process has nothing to do."""
 
@@ -405,7 +413,8 @@ class Trainer:
         phase = self.phase
         started = time.perf_counter()
         figures = train_iteration(
-            self.stage, phase, self.lanes, self.student, self.teacher, self.optimizer, generator=self.generator,
+            self.stage, phase, self.lanes, self.student, self.teacher, self.optimizer,
+            generator=self.data_generators(),
             clips=self.clips_for(phase), micro_batch=min(self.config.stage.micro_batch, self.clips_for(phase)),
             discriminator=self.discriminator, disc_optimizer=self.disc_optimizer, placement=self.placement,
             total_bases=self.total_bases, grad_clip=self.config.stage.grad_clip, scaler=self.scaler,

@@ -227,6 +227,11 @@ def capture_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
             "numpy_random": _jsonable_numpy_state(rng["numpy"]),
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "config": trainer.config.to_dict()}
+    extra = getattr(trainer, "extra_state", None)  # training.distributed: every rank's RNGs, per-lane data
+    if extra is not None:
+        more_tensors, more_meta = extra()
+        tensors.update(more_tensors)
+        meta.update(more_meta)
     return tensors, meta
 
 
@@ -304,4 +309,7 @@ def restore_state(trainer, path) -> dict:
     if cuda:
         rng["cuda"] = cuda
     restore_rng(rng, trainer.generator)  # last: building the discriminator above drew from torch's RNG
+    extra = getattr(trainer, "restore_extra_state", None)  # training.distributed: this rank's own RNGs
+    if extra is not None:
+        extra(tensors, meta)
     return meta

@@ -1,0 +1,17 @@
+"""The pack's core modules for ``training/``, imported the right way round (same idea as ``nodes/_core.py``).
+
+Inside ComfyUI the repository is one package (``<pack>.training`` next to ``<pack>.lightning``) and a top-level
+``lightning`` may well be PyTorch Lightning, which training environments often have installed. So modules of
+``training/`` never write ``import lightning``: they ask ``core("distill")`` (``core("toy.models")`` for a
+subpackage), which resolves to this pack's own core in both layouts. In a checkout (``python -m training``,
+tests) the core is the top-level ``lightning``; ``training/__init__.py`` makes sure that name is ours there.
+"""
+
+import importlib
+
+_PACKAGE_PREFIX = __package__.rpartition(".")[0] + "." if "." in (__package__ or "") else ""
+
+
+def core(name: str):
+    """``lightning.<name>`` of this pack, e.g. ``core("distill")``."""
+    return importlib.import_module(f"{_PACKAGE_PREFIX}lightning.{name}")
