@@ -82,7 +82,8 @@ def _module_class(motion_module) -> type | None:
 
 
 def _unet_dtype(unet: nn.Module) -> torch.dtype:
-    return getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+    # the weights' dtype, not UNetModel.dtype: that attribute is set once at construction and .to() skips it
+    return next(unet.parameters()).dtype
 
 
 class SD15Base(nn.Module):
