@@ -110,11 +110,14 @@ class FlowDiscriminator(nn.Module):
     def features(self, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any, index) -> torch.Tensor:
         """Backbone mid features as ``[clips, C, frames, h, w]``, with the base index in the time embedding."""
         rows = x_in.shape[0]
+        # Checked on the Python value when there is one: a training iteration passes an int and must not read
+        # a tensor back (the memory plan traces it on fake tensors); a tensor of indices is checked as data.
+        values = [index] if isinstance(index, int) else index.tolist() if isinstance(index, torch.Tensor) else list(index)
+        if any(not 0 <= int(i) < self.num_bases for i in values):
+            raise InvalidInputError(f"base index must be in 0..{self.num_bases - 1}, got {values}")
         index = torch.as_tensor(index, dtype=torch.long, device=x_in.device)
         if index.ndim == 0:
             index = index.expand(rows // self.frames)
-        if bool((index < 0).any()) or bool((index >= self.num_bases).any()):
-            raise InvalidInputError(f"base index must be in 0..{self.num_bases - 1}, got {index.tolist()}")
         extra = self.base_embedding(index).repeat_interleave(self.frames, dim=0)
         mid = self.backbone(x_in, timestep, cond, extra, self.frames)
         clips = rows // self.frames

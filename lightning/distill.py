@@ -1,7 +1,8 @@
 """Progressive adversarial diffusion distillation of a motion module (AnimateDiff-Lightning §2.2, §3).
 
 Read top to bottom: stage specs, the time grids, one training pair (x_t, teacher x_{t-ns}, student
-x̂_{t-ns}), the losses, then :func:`run_stage` and :func:`distill`.
+x̂_{t-ns}) and the losses. The loop that runs a stage (devices, precision, accumulation, optimisers,
+checkpoints) is ``training.loop``; it calls these functions and nothing else does this math.
 
 The code never looks inside a model. It sees:
 
@@ -26,6 +27,8 @@ Math (notes: lightning-math.md §3.5, §4; paper eqs. 1-9):
 - Losses: MSE ``|x̂ - x|^2``; adversarial, non-saturating, ``L_D = -log p - log(1 - p̂)``,
   ``L_G = -log p̂`` with ``p = sigmoid(logit)``, written with softplus on logits (identical, but finite for
   confident discriminators). D and the student are updated in alternation on the same pairs.
+- Everything an iteration decides in Python (start timesteps, teacher sub-steps, which clips are done) is
+  Python ints, never read back from a tensor, so one iteration can be traced on fake tensors to plan memory.
 - Adam; MSE lr 1e-5, betas (0.9, 0.999); adversarial lr 5e-7 (full motion-module weights, no LoRA),
   betas (0, 0.99), the same for D. Each adversarial stage runs the conditional D (sees x_t) first, then
   the unconditional D' (sees only x_{t-ns}); every phase gets a fresh discriminator.
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -69,7 +71,7 @@ class Phase:
     iterations: int
     lr: float
     betas: tuple[float, float]
-    clips: int | None = None  # clips per lane per iteration; None: run_stage's default
+    clips: int | None = None  # clips per lane per iteration; None: the loop's default (training.loop)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))  # Adam refuses mixed types
@@ -170,7 +172,7 @@ def scale_learning_rates(stages: Iterable[Stage], factor: float) -> tuple[Stage,
 
 def student_timesteps(stage: Stage) -> list[int]:
     """Start timesteps the student trains on: its own trailing grid plus the stage's extras, noisiest first."""
-    grid = {int(t) for t in schedule.timesteps(stage.student_steps, "trailing").tolist()}
+    grid = set(schedule.trailing_timesteps(stage.student_steps))
     return sorted(grid | set(stage.extra_timesteps), reverse=True)
 
 
@@ -181,7 +183,7 @@ def teacher_timesteps(stage: Stage, start: int) -> list[int]:
     whose strides are fractional, stay exactly nested); an extra start point off that grid steps by the
     stride, rounded as the trailing formula rounds. Anything past timestep 0 is the end of sampling.
     """
-    grid = [int(t) for t in schedule.timesteps(stage.teacher_steps, "trailing").tolist()] + [-1]
+    grid = schedule.trailing_timesteps(stage.teacher_steps) + [-1]
     if start in grid[:-1]:
         i = grid.index(start)
         return [grid[min(i + k, len(grid) - 1)] for k in range(stage.n + 1)]
@@ -258,30 +260,45 @@ class Pair:
         return schedule.scale_model_input(x, sigma_at(rows)), model_timestep(rows)
 
 
-def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, starts: torch.Tensor, frames: int) -> torch.Tensor:
-    """x_t per clip, built the way the sampler starts: pure noise as model input at t=999, else x0 + sigma*eps."""
+def _start_list(starts) -> list[int]:
+    """Per-clip start timesteps as Python ints (a tensor is read back, so pass a list inside a trace)."""
+    return [int(t) for t in (starts.tolist() if isinstance(starts, torch.Tensor) else starts)]
+
+
+# Python floats of the training sigmas: noising picks its scale per start in Python (no tensor read-back).
+_TRAIN_SIGMAS: list[float] = schedule.train_sigmas().tolist()
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, starts, frames: int) -> torch.Tensor:
+    """x_t per clip, built the way the sampler starts: pure noise as model input at t=999, else x0 + sigma*eps.
+
+    ``starts``: the per-clip start timesteps (Python ints, or a tensor outside a trace).
+    """
+    starts = _start_list(starts)
     out = torch.empty_like(latents)
-    for t in torch.unique(starts).tolist():
-        rows = (starts == t).repeat_interleave(frames)
-        sigma = sigma_at(torch.tensor([t]))
+    for t in sorted(set(starts)):
+        rows = torch.tensor([c * frames + f for c, s in enumerate(starts) if s == t for f in range(frames)],
+                            device=latents.device)
         at_top = t >= schedule.NUM_TRAIN_TIMESTEPS - 1
         # "comfyui" scaling: from the top the model input x / sqrt(sigma^2 + 1) is exactly the noise
-        out[rows] = sampling.initial_latent(noise[rows], sigma, None if at_top else latents[rows],
-                                            noise_scaling="comfyui")
+        value = sampling.initial_latent(noise.index_select(0, rows), (_TRAIN_SIGMAS[t],),
+                                        None if at_top else latents.index_select(0, rows), noise_scaling="comfyui")
+        out.index_copy_(0, rows, value)
     return out
 
 
-def teacher_jump(stage: Stage, base: FrozenBase, teacher: nn.Module | None, x: torch.Tensor, starts: torch.Tensor,
+def teacher_jump(stage: Stage, base: FrozenBase, teacher: nn.Module | None, x: torch.Tensor, starts,
                  cond: Any, uncond: Any, frames: int) -> torch.Tensor:
     """n teacher Euler steps of stride s from every clip's x_t (no gradients), with the stage's CFG."""
-    steps = torch.tensor([teacher_timesteps(stage, int(t)) for t in starts.tolist()])  # [clips, n+1]
+    steps = [teacher_timesteps(stage, t) for t in _start_list(starts)]  # per clip, n+1 Python ints
     denoiser = denoiser_for(base, teacher)
     with torch.no_grad():
         for k in range(stage.n):
-            now, nxt = steps[:, k].repeat_interleave(frames), steps[:, k + 1].repeat_interleave(frames)
+            if all(s[k] < 0 for s in steps):
+                break  # every clip already reached sigma 0
+            now = torch.tensor([s[k] for s in steps], device=x.device).repeat_interleave(frames)
+            nxt = torch.tensor([s[k + 1] for s in steps], device=x.device).repeat_interleave(frames)
             active = now >= 0  # clips that already reached sigma 0 stay put
-            if not bool(active.any()):
-                break
             sigma, sigma_next = sigma_at(now), sigma_at(nxt)
             x_in = schedule.scale_model_input(x, sigma)
             eps = sampling.guided_eps(denoiser, x_in, model_timestep(now), cond, uncond, stage.cfg)
@@ -296,16 +313,45 @@ def student_jump(base: FrozenBase, student: nn.Module, pair: Pair) -> torch.Tens
     return sampling.move(pair.x, eps, sigma_at(pair.per_row(pair.start)), sigma_at(pair.per_row(pair.end)))
 
 
-def draw_pair(stage: Stage, lane: Lane, teacher: nn.Module | None, clips: int, generator: torch.Generator) -> Pair:
-    """Sample clean clips, a start timestep per clip from the student's grid, noise them, run the teacher."""
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake  # the memory plan traces on fake tensors
+
+    return is_fake(tensor)
+
+
+def draw_starts(stage: Stage, clips: int, generator: torch.Generator) -> list[int]:
+    """A start timestep per clip, uniform over the student's grid, as Python ints.
+
+    Under a fake-tensor trace (the memory plan) the draw has no value: every clip then starts at the top
+    of the grid, where the teacher runs all its n sub-steps (the most work an iteration can do).
+    """
+    grid = student_timesteps(stage)
+    drawn = torch.randint(len(grid), (clips,), generator=generator)
+    if _is_fake(drawn):
+        return [grid[0]] * clips
+    return [grid[i] for i in drawn.tolist()]
+
+
+def _to(value: Any, device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) and device is not None else value
+
+
+def draw_pair(stage: Stage, lane: Lane, teacher: nn.Module | None, clips: int, generator: torch.Generator, *,
+              device: torch.device | str | None = None) -> Pair:
+    """Sample clean clips, a start timestep per clip from the student's grid, noise them, run the teacher.
+
+    Every random draw comes from ``generator`` (a CPU generator: the same pair on any device), in the
+    order data, starts, noise; ``device`` is where the pair and the teacher's jump are computed.
+    """
     latents, cond, uncond = lane.data(clips, generator)
-    grid = torch.tensor(student_timesteps(stage))
-    starts = grid[torch.randint(len(grid), (clips,), generator=generator)]
+    starts = draw_starts(stage, clips, generator)
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    latents, noise, cond, uncond = (_to(v, device) for v in (latents, noise, cond, uncond))
     x = noisy_latents(latents, noise, starts, lane.frames)
-    ends = torch.tensor([teacher_timesteps(stage, int(t))[-1] for t in starts.tolist()])
+    ends = [teacher_timesteps(stage, t)[-1] for t in starts]
     target = teacher_jump(stage, lane.base, teacher, x, starts, cond, uncond, lane.frames)
-    return Pair(x, starts, ends, target, cond, lane.index, lane.frames)
+    return Pair(x, torch.tensor(starts, device=x.device), torch.tensor(ends, device=x.device), target, cond,
+                lane.index, lane.frames)
 
 
 # --- losses ---------------------------------------------------------------------------------------------
@@ -333,138 +379,31 @@ def discriminate(discriminator: nn.Module, pair: Pair, x_next: torch.Tensor, con
     return discriminator(next_in, next_t, pair.cond, pair.index, x_in=x_in, t=t)
 
 
-def accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> float:
-    """Fraction of teacher jumps called real and student jumps called fake (0.5 is chance)."""
+def accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Fraction of teacher jumps called real and student jumps called fake (0.5 is chance), a 0-dim tensor."""
     hits = (real_logits > 0).sum() + (fake_logits < 0).sum()
-    return float(hits) / float(real_logits.numel() + fake_logits.numel())
+    return hits.to(torch.float64) / (real_logits.numel() + fake_logits.numel())
 
 
-def preference(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> float:
+def preference(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """Fraction of pairs (same x_t) where D scores the teacher's jump above the student's (0.5 is chance).
 
     Unlike :func:`accuracy` it ignores D's overall bias, so it shows what D has learned to tell apart even
-    while its logits still sit on one side of zero.
+    while its logits still sit on one side of zero. A 0-dim tensor (no read-back inside an iteration).
     """
-    return float((real_logits > fake_logits).to(torch.float64).mean())
-
-
-# --- a stage ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class StageResult:
-    stage: Stage
-    teacher: nn.Module  # frozen copy of the student at the start of the stage
-    discriminators: dict[str, nn.Module]  # by phase kind, the last one of each kind
-    history: list[dict]
+    return (real_logits > fake_logits).to(torch.float64).mean()
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
+    """The teacher of a stage: a copy of the student as it enters the stage, frozen."""
     teacher = copy.deepcopy(module)
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
-def run_stage(stage: Stage, lanes: Sequence[Lane], student: nn.Module, *,
-              make_discriminator: Callable[[bool], nn.Module] | None = None, clips: int = 16,
-              generator: torch.Generator | None = None, teacher: nn.Module | None = None,
-              callback: Callable[[dict], None] | None = None) -> StageResult:
-    """Train ``student`` (in place) to jump like ``teacher`` over ``stage``, on every lane at once.
-
-    ``teacher`` defaults to a frozen copy of the student as it enters the stage. Each iteration draws
-    ``clips`` clips per lane (unless the phase sets its own); gradients are averaged over lanes (what DDP
-    does across ranks). ``callback``
-    gets one dict per iteration: stage, phase, step, and ``mse``, or ``d``, ``g``, ``accuracy`` and
-    ``preference`` (measured on the iteration's pairs before D's update).
-    """
-    if not lanes:
-        raise InvalidInputError("run_stage needs at least one lane (a frozen base and its data)")
-    if stage.has_adversarial and make_discriminator is None:
-        raise InvalidInputError(f"stage {stage.name} has adversarial phases; pass make_discriminator=")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    teacher = frozen_copy(student) if teacher is None else teacher
-    student.train()
-    history: list[dict] = []
-    discriminators: dict[str, nn.Module] = {}
-
-    for phase in stage.phases:
-        optimiser = torch.optim.Adam([p for p in student.parameters() if p.requires_grad],
-                                     lr=phase.lr, betas=phase.betas)
-        conditional = phase.kind == CONDITIONAL
-        if phase.adversarial:
-            # A fresh discriminator for every phase (paper: re-initialised each stage; D' is a new model).
-            disc = make_discriminator(conditional)
-            disc.train()
-            disc_optimiser = torch.optim.Adam(disc.parameters(), lr=phase.lr, betas=phase.betas)
-            discriminators[phase.kind] = disc
-
-        batch = phase.clips or clips
-        for step in range(phase.iterations):
-            pairs = [draw_pair(stage, lane, teacher, batch, generator) for lane in lanes]
-            for pair, lane in zip(pairs, lanes):
-                pair.student = student_jump(lane.base, student, pair)
-            record = {"stage": stage.name, "phase": phase.kind, "step": step}
-
-            if not phase.adversarial:
-                optimiser.zero_grad(set_to_none=True)
-                total = 0.0
-                for pair in pairs:
-                    loss = mse_loss(pair.student, pair.teacher) / len(pairs)
-                    loss.backward()
-                    total += float(loss.detach())
-                optimiser.step()
-                record["mse"] = total
-            else:
-                # 1) discriminator: teacher jumps are real, student jumps (detached) are fake
-                disc_optimiser.zero_grad(set_to_none=True)
-                d_total, hits, prefs = 0.0, [], []
-                for pair in pairs:
-                    real = discriminate(disc, pair, pair.teacher, conditional)
-                    fake = discriminate(disc, pair, pair.student.detach(), conditional)
-                    loss = discriminator_loss(real, fake) / len(pairs)
-                    loss.backward()
-                    d_total += float(loss.detach())
-                    hits.append(accuracy(real.detach(), fake.detach()))
-                    prefs.append(preference(real.detach(), fake.detach()))
-                disc_optimiser.step()
-                # 2) student: fool the updated discriminator (D's weights get no gradient here)
-                optimiser.zero_grad(set_to_none=True)
-                disc.requires_grad_(False)
-                g_total = 0.0
-                for pair in pairs:
-                    loss = generator_loss(discriminate(disc, pair, pair.student, conditional)) / len(pairs)
-                    loss.backward()
-                    g_total += float(loss.detach())
-                disc.requires_grad_(True)
-                optimiser.step()
-                record.update(d=d_total, g=g_total, accuracy=sum(hits) / len(hits), preference=sum(prefs) / len(prefs))
-            history.append(record)
-            if callback is not None:
-                callback(record)
-    student.eval()
-    return StageResult(stage, teacher, discriminators, history)
-
-
-def distill(stages: Sequence[Stage], lanes: Sequence[Lane], student: nn.Module, *,
-            make_discriminator: Callable[[bool], nn.Module] | None = None, clips: int = 16,
-            generator: torch.Generator | None = None,
-            after_stage: Callable[[StageResult, nn.Module], None] | None = None,
-            callback: Callable[[dict], None] | None = None) -> list[StageResult]:
-    """Run ``stages`` in order; the student leaving a stage is (a frozen copy of) the next stage's teacher.
-
-    The first stage's teacher is the student as given (for AnimateDiff-Lightning: the AnimateDiff v2
-    module, sampled at 128 steps with CFG 7.5). ``after_stage(result, student)`` is the place to save a
-    checkpoint. The student is trained in place and also returned inside the results.
-    """
-    for earlier, later in itertools.pairwise(stages):
+def check_chain(stages: Sequence[Stage]) -> None:
+    """Each stage must start where the previous one ended (its teacher is the previous student)."""
+    for earlier, later in zip(stages, stages[1:]):
         if later.teacher_steps != earlier.student_steps:
             raise InvalidInputError(
                 f"stage {later.name} must start where {earlier.name} ended ({earlier.student_steps} steps)")
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    results = []
-    for stage in stages:
-        result = run_stage(stage, lanes, student, make_discriminator=make_discriminator, clips=clips,
-                           generator=generator, callback=callback)
-        results.append(result)
-        if after_stage is not None:
-            after_stage(result, student)
-    return results

@@ -56,14 +56,19 @@ def train_sigmas() -> torch.Tensor:
     return _tables()[2].clone()
 
 
+# Built at import as real tensors and Python floats: code traced on fake tensors (the training memory plan)
+# calls into this module and must neither build the cached tables as fakes nor read a tensor back.
+_SIGMA_MIN, _SIGMA_MAX = float(_tables()[2][0]), float(_tables()[2][-1])
+
+
 def sigma_max() -> float:
     """The largest training sigma (t = 999): about 25.146116."""
-    return float(_tables()[2][-1])
+    return _SIGMA_MAX
 
 
 def sigma_min() -> float:
     """The smallest training sigma (t = 0): about 0.029167."""
-    return float(_tables()[2][0])
+    return _SIGMA_MIN
 
 
 def timestep_to_sigma(t: torch.Tensor | float, interpolation: str = "linear") -> torch.Tensor:
@@ -115,9 +120,7 @@ def timesteps(steps: int, spacing: str = "trailing") -> torch.Tensor:
     _check_steps(steps)
     n = NUM_TRAIN_TIMESTEPS
     if spacing == "trailing":
-        ratio = n / steps
-        # numpy's arange with a float step, rounded half-to-even as numpy does
-        ts = torch.tensor([round(n - i * ratio) for i in range(steps)], dtype=torch.float64) - 1
+        ts = torch.tensor(trailing_timesteps(steps), dtype=torch.float64)
     elif spacing == "leading":
         ratio = n // steps
         ts = torch.arange(steps, dtype=torch.float64).mul(ratio).flip(0) + LEADING_STEPS_OFFSET
@@ -131,6 +134,14 @@ def timesteps(steps: int, spacing: str = "trailing") -> torch.Tensor:
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; use one of {', '.join(SPACINGS)}")
     return ts
+
+
+def trailing_timesteps(steps: int) -> list[int]:
+    """The trailing grid as Python ints (999, 749, 499, 249 for 4 steps), for code that must not read tensors back."""
+    _check_steps(steps)
+    ratio = NUM_TRAIN_TIMESTEPS / steps
+    # numpy's arange with a float step, rounded half-to-even as numpy does
+    return [round(NUM_TRAIN_TIMESTEPS - i * ratio) - 1 for i in range(steps)]
 
 
 def sigmas(steps: int, spacing: str = "trailing") -> torch.Tensor:

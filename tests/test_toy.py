@@ -16,6 +16,7 @@ from lightning import distill, sampling, schedule
 from lightning.toy import demo, measures
 from lightning.toy.models import ToyBase, make_motion_module
 from lightning.toy.world import ToyWorld, WorldConfig
+from training import loop
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -240,7 +241,7 @@ def adversarial_four_to_two(trained, seed, *, frozen=False):
         lane = distill.Lane(bases[0], demo.data_source(world, 0), world.config.frames)
         start = demo.evaluate(world, bases, student, [0], models=("student@2",), samples=256, seed=seed)
         torch.manual_seed(seed)
-        distill.run_stage(stage, [lane], student, make_discriminator=factory,
+        loop.run_stage(stage, [lane], student, make_discriminator=factory,
                           generator=torch.Generator().manual_seed(seed))
         end = demo.evaluate(world, bases, student, [0], models=("student@2",), samples=256, seed=seed)
     finally:
@@ -276,7 +277,7 @@ def test_discriminator_learns_during_a_conditional_stage():
         torch.manual_seed(123)
         untrained = make(True)
         stage = distill.Stage(8, 4, (distill.adversarial_phase(distill.CONDITIONAL, 60, 1e-3, 8),))
-        result = distill.run_stage(stage, lanes, student, make_discriminator=make,
+        result = loop.run_stage(stage, lanes, student, make_discriminator=make,
                                    generator=torch.Generator().manual_seed(0))
         pair = distill.draw_pair(stage, lanes[0], result.teacher, 512, torch.Generator().manual_seed(999))
         with torch.no_grad():

@@ -140,10 +140,13 @@ def train(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | N
         if after_stage is not None:
             after_stage(result, module)
 
-    results = distill.distill(config.stages(), lanes, student,
-                              make_discriminator=discriminator_factory(world, bases, config.world.styles),
-                              clips=config.mse_clips, generator=torch.Generator().manual_seed(config.seed),
-                              after_stage=save, callback=record)
+    # The demo is the one place in lightning/ that uses training/: it trains through the real loop.
+    from training.loop import run_stages
+
+    results = run_stages(config.stages(), lanes, student,
+                         make_discriminator=discriminator_factory(world, bases, config.world.styles),
+                         clips=config.mse_clips, generator=torch.Generator().manual_seed(config.seed),
+                         after_stage=save, callback=record)
     return results, history
 
 
