@@ -249,3 +249,22 @@ def test_header_check_accepts_sd15_and_names_what_else_a_file_is(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
     with pytest.raises(comfy_backend.CheckpointError, match="not a readable safetensors"):
         comfy_backend.read_header(tmp_path / "junk.safetensors")
+
+
+def test_a_base_parked_on_a_cpu_only_run_drops_its_weights_and_reads_them_again(unet):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return copy.deepcopy(unet)
+
+    base = SD15Base(0, None, CALLS, load=load)
+    base.release_when_parked = True
+    x, t, cond = inputs(clips=1)
+    first = base(x, t, cond, None)
+    base.to("cpu")  # what the loop's swapped placement does after a lane
+    assert not base.loaded and loads == [1]
+    assert torch.equal(base(x, t, cond, None), first) and loads == [1, 1]
+    base.release_when_parked = False
+    base.to("cpu")
+    assert base.loaded

@@ -373,14 +373,16 @@ def vae_decoder(checkpoint: Checkpoint) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def teacher_sampler(checkpoints: Sequence[Checkpoint], teacher, *, teacher_path: str = "",
-                    steps: int = TEACHER_STEPS, cfg: float = TEACHER_CFG, sampler_name: str = TEACHER_SAMPLER,
+                    steps: int | None = None, cfg: float = TEACHER_CFG, sampler_name: str = TEACHER_SAMPLER,
                     scheduler: str = TEACHER_SCHEDULER) -> Callable[..., torch.Tensor]:
     """``sample(base_index, prompt, seed, frames, height, width) -> [frames, 4, height/8, width/8]``: the
     AnimateDiff teacher through the pack's Apply Motion Module patch and ComfyUI's own sampler (what users
     sample), empty negative prompt; ``height``/``width`` in pixels (multiples of 8); latents in diffusion space.
 
-    Only one base's UNet stays loaded: moving to another base releases the previous one.
+    Only one base's UNet stays loaded: moving to another base releases the previous one. ``steps`` None is
+    :data:`TEACHER_STEPS`, read when the sampler is made (a CPU smoke test may lower it).
     """
+    steps = int(steps if steps is not None else TEACHER_STEPS)
     c = import_comfy(checkpoints[0].device if checkpoints else "auto")
     mp = c.motion_patch
     handle = mp.MotionModuleHandle(mp.motion_patcher(teacher), teacher.info, str(teacher_path))

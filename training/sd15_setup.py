@@ -130,7 +130,10 @@ def build(config, materialize: bool = True) -> Setup:
     if materialize:
         checkpoints = comfy_backend.open_checkpoints(paths, device=device)
         teacher = comfy_backend.load_teacher(model.teacher)
-        bases = None
+        bases = [comfy_backend.make_base(i, ckpt) for i, ckpt in enumerate(checkpoints)]
+        if model.resident_bases == "one" and comfy_backend._wants_cpu(device):
+            for base in bases:
+                base.release_when_parked = True
     else:
         checkpoints = [None] * len(paths)
         teacher = comfy_backend.load_teacher(model.teacher, materialize=False)
