@@ -141,5 +141,6 @@ def build(config, materialize: bool = True) -> Setup:
     return setup_from_parts(checkpoints, teacher, lane_data, frames=dataset.frames,
                             latent_height=dataset.height, latent_width=dataset.width,
                             trainable=config.discriminator.trainable,
-                            validation_prompts=list(config.validation.prompts), bases=bases,
+                            validation_prompts=list(config.validation.prompts) if config.validation.every else None,
+                            bases=bases,
                             materialize=materialize)
