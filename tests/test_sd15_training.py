@@ -268,3 +268,14 @@ def test_a_base_parked_on_a_cpu_only_run_drops_its_weights_and_reads_them_again(
     base.release_when_parked = False
     base.to("cpu")
     assert base.loaded
+
+
+def test_teacher_skeleton_from_the_header_has_the_loaded_teachers_parameters(tmp_path):
+    from lightning.testing.motion import write_motion_module
+
+    path = write_motion_module(tmp_path / "mm.safetensors", channels=CHANNELS)
+    loaded = comfy_backend.load_teacher(path)
+    skeleton = comfy_backend.load_teacher(path, materialize=False)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}
+    assert loaded.info.channels == skeleton.info.channels == CHANNELS

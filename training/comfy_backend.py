@@ -417,6 +417,10 @@ def load_teacher(path, *, materialize: bool = True):
         raise errors.InvalidInputError(
             f"the memory plan reads the teacher's header and needs a .safetensors file, got {path.name}")
     entries, metadata = read_header(path)
-    tensors = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in entries.items()}
-    return checkpoints_io.motion_module_from_state_dict(tensors, path=path, metadata=metadata, device="meta",
-                                                        dtype=torch.float32)
+    # detect() reads names and shapes only; the module is then built empty on meta (no finiteness check
+    # of values that do not exist)
+    info = checkpoints_io.detect({k: shape for k, (_, shape) in entries.items()}, path=path, metadata=metadata)
+    motion_module = pack_module("lightning.motion_module")
+    return motion_module.MotionModuleSet(info.channels, has_mid=info.has_mid, pe_length=info.pe_length,
+                                         heads=checkpoints_io.HEADS, norm_groups=checkpoints_io.NORM_GROUPS,
+                                         info=info, device="meta")
