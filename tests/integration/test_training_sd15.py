@@ -7,8 +7,10 @@ iterations of 8->4 with the conditional discriminator. Losses are finite, the st
 weights stay bit-identical to their files, and the saved student loads in our loader and in
 AnimateDiff-Evolved. The training itself runs in ComfyUI's Python (``sd15_training_driver.py``).
 
-Full-size SD1.5 on a CPU is slow; ``ADL_SD15_TEACHER_STEPS`` (default 32, the paper's) lowers the teacher's
-steps for the dataset when time is short, and the seconds per iteration are printed.
+Full-size SD1.5 on a CPU is slow and large: with one base in memory at a time (``resident_bases = "one"``)
+the MSE run peaks near 13 GB and the adversarial run (light discriminator) near 17 GB of RAM; set
+``OMP_NUM_THREADS=1`` on a busy machine. ``ADL_SD15_TEACHER_STEPS`` (default 32, the paper's) lowers the
+teacher's steps for the dataset when time is short; the seconds per iteration are printed.
 """
 
 from __future__ import annotations
