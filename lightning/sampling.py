@@ -155,10 +155,11 @@ def snapped_strength(steps: int, strength: float) -> float:
 def strength_sigmas(steps: int, strength: float = 1.0, spacing: str = "trailing") -> torch.Tensor:
     """The tail of the ``steps``-step schedule that a strength of ``strength`` runs (snapped to the grid).
 
-    Logs a note when the requested strength is not on the grid.
+    Logs a debug note when the requested strength is not on the grid (callers that face a person say so in
+    their own words).
     """
     k = strength_steps(steps, strength)
     if abs(k / steps - strength) > 1e-6:
-        log.info("strength %.4g is not on the %d-step grid; using %.4g (%d of %d steps)",
+        log.debug("strength %.4g is not on the %d-step grid; using %.4g (%d of %d steps)",
                  strength, steps, k / steps, k, steps)
     return schedule.sigmas(steps, spacing)[steps - k:]
