@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from . import specs
+from . import keys, specs
 from ._core import core
 
 checkpoints = core("checkpoints")
@@ -175,6 +175,7 @@ def frontend_rules(not_downloaded: Sequence[str] = (), steps_in_metadata: dict |
         "sampler": GOOD_SAMPLER,
         "schedulers": list(GOOD_SCHEDULERS),
         "auto": specs.AUTO_STEPS,
+        "warning_event": keys.WARNING_EVENT,
         "not_downloaded": sorted(not_downloaded),
         "steps_in_metadata": dict(steps_in_metadata or {}),
     }
