@@ -361,3 +361,14 @@ def test_keys_are_distinct_names():
 
     names = [v for k, v in vars(keys).items() if k.isupper()]
     assert len(names) == len(set(names))
+
+
+def test_the_registry_icon_exists_and_fits():
+    import tomllib
+    import xml.etree.ElementTree as ET
+
+    icon = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["Icon"]
+    path = REPO / icon.split("/main/", 1)[1]
+    assert path.is_file(), icon
+    root = ET.parse(path).getroot()
+    assert float(root.attrib["width"]) <= 800 and float(root.attrib["height"]) <= 400
