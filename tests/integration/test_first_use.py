@@ -63,8 +63,9 @@ def test_loader_schema_carries_the_rules_and_the_not_downloaded_releases(comfy, 
 def test_run_time_warnings_arrive_on_the_websocket_once_per_run(comfy):
     listener = WebSocketListener(comfy)
     try:
-        # cfg 8 on KSampler, and a second KSampler in the same run with the same problem: one warning
-        graph = ksampler(with_motion(base(frames=8)), cfg=8.0, steps=4)
+        # cfg 8 (and 1 step) on KSampler, and a second KSampler in the same run with the same problems: one
+        # warning each
+        graph = ksampler(with_motion(base(frames=8)), cfg=8.0, steps=1)
         graph["sampler2"] = dict(graph["sampler"], inputs={**graph["sampler"]["inputs"], "seed": 7})
         graph["save2"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sampler2", 0],
                                                                  "filename_prefix": "adl/ws_b"}}
@@ -76,15 +77,18 @@ def test_run_time_warnings_arrive_on_the_websocket_once_per_run(comfy):
         cfg = [w for w in warnings if "cfg 8" in w["message"]]
         assert len(cfg) == 1 and cfg[0]["message"].startswith("[AnimateDiff-Lightning] cfg 8 with the 4-step")
         assert cfg[0]["node"] in ("sampler", "sampler2")
+        steps = [w for w in warnings if "sampling 1 steps" in w["message"]]
+        assert len(steps) == 1 and "step count read from the file name" in steps[0]["message"]
+        assert len(warnings) == 2
         # a snapped denoise on the Lightning Sampler: the widget's word, the value used
-        prompt_id = comfy.submit(save_latent(lightning_sampler(with_motion(base(frames=8)), denoise=0.6),
+        prompt_id = comfy.submit(save_latent(lightning_sampler(with_motion(base(frames=8)), denoise=0.3),
                                              "adl/ws_c"), client_id=listener.client_id)
         listener.wait_for(lambda t, kind, data: kind == "execution_success" and data.get("prompt_id") == prompt_id)
         snapped = [data for _, data in listener.of_type("adlightning.warning") if data["prompt_id"] == prompt_id]
         print("websocket:", snapped)
         assert [w["message"] for w in snapped] == [
-            "[AnimateDiff-Lightning] denoise 0.6 is not on the 4-step grid; using 0.5 (2 of 4 steps). Denoise values "
-            "on the grid are multiples of 1/4."]
+            "[AnimateDiff-Lightning] denoise 0.3 is not on the 4-step grid; using 0.25 (1 of 4 steps). Denoise "
+            "values on the grid are multiples of 1/4."]
         assert snapped[0]["node"] == "sampler"
     finally:
         listener.close()
