@@ -88,8 +88,9 @@ LOAD_MOTION_MODULE = NodeSpec(
     description=(
         "Loads an SD1.5 AnimateDiff motion module: AnimateDiff-Lightning 1/2/4/8-step (the _comfyui or _diffusers "
         "file), AnimateDiff v1/v2/v3 or AnimateLCM, in .safetensors or .ckpt. The released Lightning modules are "
-        "always listed; one that is not on disk yet is downloaded from the Hugging Face hub into "
-        "models/animatediff_models on first use. Wrong files (SDXL modules, motion LoRAs, SD checkpoints, "
+        "always listed (marked \"not downloaded\" until they are on disk); one that is not on disk yet is "
+        "downloaded from the Hugging Face hub into models/animatediff_models on first use, and fails at once with "
+        "the manual download link when offline. Wrong files (SDXL modules, motion LoRAs, SD checkpoints, "
         "ControlNets, damaged files) are refused with a message that says what they are."),
     inputs=(
         In("name", "COMBO", options=OPTIONS_MOTION_MODULES, default="animatediff_lightning_4step_comfyui.safetensors",
@@ -173,14 +174,16 @@ LIGHTNING_SAMPLER = NodeSpec(
         In("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
            tooltip="Noise seed; the same seed gives the same noise as KSampler."),
         In("steps", "INT", default=0, min=0, max=100,
-           tooltip="0 uses the module's own step count (4 for the 4-step module). Other values work but leave the "
-                   "grid the module was distilled on; 3 steps on the 2-step module is a known good choice."),
+           tooltip="0 uses the module's own step count (4 for the 4-step module; set on Load Motion Module's "
+                   "lightning_steps, or read from the file). Other values work but leave the grid the module was "
+                   "distilled on; 3 steps on the 2-step module is a known good choice."),
         In("cfg", "FLOAT", default=1.0, min=0.0, max=30.0, step=0.1,
            tooltip="Classifier-free guidance. 1.0 is what Lightning was distilled for (fastest, negative prompt "
-                   "ignored); some base models look better at 1.5-2."),
+                   "ignored); some base models look better at 1.5-2. Above 2 the pack warns: twice the time and burnt "
+                   "colours."),
         In("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01,
            tooltip="1.0 for text-to-video. Below 1 for video-to-video: snapped to the module's grid (0.25 / 0.5 / "
-                   "0.75 for the 4-step module); the log says when it snaps."),
+                   "0.75 for the 4-step module); a warning says when it snaps."),
     ),
     outputs=(Out("LATENT", "latent", "The sampled video latents, one per frame; decode with VAE Decode."),),
 )

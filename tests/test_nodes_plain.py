@@ -56,6 +56,8 @@ def test_stable_core_inputs_of_the_generation_nodes():
     assert by_id["ADL_ApplyMotionModule"].input("scale").default == 1.0
     assert by_id["ADL_LoadMotionModule"].outputs[0].type == "MOTION_MODULE"
     assert by_id["ADL_LoadMotionLoRA"].outputs[0].type == "MOTION_LORA"
+    steps = by_id["ADL_LoadMotionModule"].input("lightning_steps")
+    assert steps.options == ("auto", "1", "2", "4", "8") and steps.default == "auto" and steps.optional
 
 
 # --- guards --------------------------------------------------------------------------------------------------
