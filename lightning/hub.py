@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -91,6 +92,10 @@ def offline_reason(endpoint: str | None = None, *, timeout: float = REACH_TIMEOU
     host = url.hostname
     if not host:
         return f"the hub endpoint {url.geturl()!r} names no host"
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        url = urlsplit(proxy if "//" in proxy else f"http://{proxy}")  # behind a proxy, only the proxy is reachable
+        host = url.hostname or host
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -129,3 +129,12 @@ def test_no_route_to_the_hub_fails_at_once_with_manual_instructions(tmp_path, on
 
 def test_a_reachable_hub_is_not_called_offline(online, fake_hub):
     assert hub.offline_reason(fake_hub.endpoint) is None
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_answer(online, fake_hub, monkeypatch):
+    port = fake_hub.endpoint.rsplit(":", 1)[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    # the hub's own host is not reachable from here, but the (stand-in) proxy is: not offline
+    assert hub.offline_reason("https://hub.invalid") is None
