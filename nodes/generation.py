@@ -44,14 +44,13 @@ def _schema(spec: specs.NodeSpec, extras: dict | None = None) -> io.Schema:
 
 def loader_rules() -> dict:
     """The frontend's data (``guards.frontend_rules``) with what is on disk now: which released modules are not
-    downloaded yet, and the step counts our metadata gives files whose names do not tell it (header reads only)."""
+    downloaded yet, and the step counts our metadata gives (header reads only; metadata wins over a name, as on
+    the server)."""
     on_disk = set(folder_paths.get_filename_list(folders.MOTION_MODULES))
     steps = {}
     for name in on_disk:
-        if checkpoints.steps_in_file_name(name) is not None:
-            continue
         path = folder_paths.get_full_path(folders.MOTION_MODULES, name)
-        found, origin = checkpoints.lightning_steps_origin(None, checkpoints.read_metadata(path) if path else {})
+        found, _ = checkpoints.lightning_steps_origin(None, checkpoints.read_metadata(path) if path else {})
         if found is not None:
             steps[name] = found
     return guards.frontend_rules(not_downloaded=[n for n in hub.KNOWN_FILES if n not in on_disk],
