@@ -98,9 +98,10 @@ function decorate(nodeType) {
 }
 
 // Released modules not on disk keep their file name as the value; the list shows them with a mark after it.
+// Only the loader's list holds these file names while they are not on disk, so the entries themselves say which
+// menu this is (the canvas does not always say which node opened it).
 function markNotDownloaded(menu) {
-  const node = LGraphCanvas.active_canvas?.current_node;
-  if (node?.type !== LOADER || !rules?.not_downloaded?.length) return;
+  if (!rules?.not_downloaded?.length) return;
   const missing = new Set(rules.not_downloaded);
   for (const entry of menu.root?.querySelectorAll(".litemenu-entry") ?? []) {
     const value = entry.dataset?.value ?? entry.textContent;
