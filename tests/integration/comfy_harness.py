@@ -251,7 +251,7 @@ class WebSocketListener:
     def of_type(self, kind: str) -> list[tuple[float, dict]]:
         return [(t, data) for t, k, data in list(self.messages) if k == kind]
 
-    def wait_for(self, predicate, timeout: float = 600.0):
+    def wait_for(self, predicate, timeout: float = 3600.0):
         deadline = time.time() + timeout
         while time.time() < deadline:
             for item in list(self.messages):
