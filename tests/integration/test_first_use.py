@@ -81,16 +81,16 @@ def test_run_time_warnings_arrive_on_the_websocket_once_per_run(comfy):
                               and data.get("prompt_id") == prompt_id)
     try:
         # two nodes of one run with the same wrong step count: that warning once; the snapped denoise of each
-        prompt_id = comfy.submit(_sigmas_graph((8, 0.3), (8, 0.32)), client_id=listener.client_id)
+        prompt_id = comfy.submit(_sigmas_graph((8, 0.3), (8, 0.27)), client_id=listener.client_id)
         listener.wait_for(done(prompt_id))
         warnings = _warnings(listener, prompt_id)
         for w in warnings:
             print("websocket:", w)
         messages = sorted(w["message"] for w in warnings)
         assert len(messages) == 3, messages
-        assert messages[0] == ("[AnimateDiff-Lightning] denoise 0.3 is not on the 8-step grid; using 0.25 (2 of 8 "
+        assert messages[1] == ("[AnimateDiff-Lightning] denoise 0.3 is not on the 8-step grid; using 0.25 (2 of 8 "
                                "steps). Denoise values on the grid are multiples of 1/8.")
-        assert messages[1].startswith("[AnimateDiff-Lightning] denoise 0.32 is not on the 8-step grid; using 0.25")
+        assert messages[0].startswith("[AnimateDiff-Lightning] denoise 0.27 is not on the 8-step grid; using 0.25")
         assert messages[2].startswith("[AnimateDiff-Lightning] sampling 8 steps with the 4-step Lightning module "
                                       "(step count read from the file name; if that is wrong, set lightning_steps")
         assert {w["node"] for w in warnings} <= {"sigmas0", "sigmas1"}
