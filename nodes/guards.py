@@ -119,9 +119,10 @@ def check_steps(steps: int, module_steps: int | None, origin: str | None = None)
         return None
     others = [n for n in good_steps(module_steps) if n != module_steps]
     also = f" (or {', '.join(map(str, others))})" if others else ""
-    return (f"sampling {steps} steps with {module_phrase(module_steps, origin)}: the module was distilled for "
-            f"exactly {module_steps} steps, so quality may drop. Set steps to {module_steps}{also} (0 on the "
-            f"Lightning nodes), or load the animatediff_lightning_{steps}step module if it exists.")
+    return (f"sampling {steps} step{'' if steps == 1 else 's'} with {module_phrase(module_steps, origin)}: the "
+            f"module was distilled for exactly {module_steps} steps, so quality may drop. Set steps to "
+            f"{module_steps}{also} (0 on the Lightning nodes), or load the animatediff_lightning_{steps}step module "
+            "if it exists.")
 
 
 def missing_steps_message(node: str, label: str) -> str:
