@@ -53,6 +53,16 @@ SDXL_LEVELS = 3
 HEADS = 8
 NORM_GROUPS = 32
 METADATA_PREFIX = "adlightning."
+#: Metadata key of the Lightning step count in files we save. Callers that know the count (the training loop)
+#: may pass it as plain ``lightning_steps`` in ``save_motion_module(metadata=...)``; both keys are read.
+STEPS_KEY = METADATA_PREFIX + "lightning_steps"
+STEPS_KEYS = (STEPS_KEY, "lightning_steps")
+#: The step count in a release file name (``animatediff_lightning_4step_comfyui``), case-insensitive. Written
+#: so that JavaScript's RegExp reads it the same way: the frontend gets this very string with the node schema.
+STEP_PATTERN = r"lightning[_-]?(\d+)[_-]?steps?"
+#: Where a step count came from, as :func:`lightning_steps_origin` reports it.
+FROM_METADATA = "metadata"
+FROM_FILE_NAME = "file name"
 SUGGESTION = ("an SD1.5 motion module such as animatediff_lightning_4step_comfyui.safetensors, "
               "mm_sd_v15_v2.ckpt or v3_sd15_mm.ckpt")
 
@@ -408,16 +418,51 @@ def detect(tensors: Mapping[str, Any], *, path=None, metadata: Mapping[str, str]
         dtype=_dominant_dtype(tensors), tensor_count=len(tensors), metadata=metadata)
 
 
+def _steps_value(value) -> int | None:
+    text = str(value).strip() if value is not None else ""
+    return int(text) if text.isdigit() and int(text) >= 1 else None
+
+
+def lightning_steps_origin(path, metadata: Mapping[str, str] | None = None) -> tuple[int | None, str | None]:
+    """``(step count, where it came from)``: our metadata first (:data:`FROM_METADATA`), else a release-style file
+    name (:data:`FROM_FILE_NAME`), else ``(None, None)``."""
+    for key in STEPS_KEYS:
+        steps = _steps_value((metadata or {}).get(key))
+        if steps is not None:
+            return steps, FROM_METADATA
+    if path is not None:
+        steps = steps_in_file_name(Path(path).name)
+        if steps is not None:
+            return steps, FROM_FILE_NAME
+    return None, None
+
+
 def lightning_steps_from(path, metadata: Mapping[str, str] | None = None) -> int | None:
     """Step count from our metadata, else from a release file name (``animatediff_lightning_4step_…``)."""
-    value = (metadata or {}).get(METADATA_PREFIX + "lightning_steps")
-    if value and str(value).isdigit():
-        return int(value)
-    if path is not None:
-        match = re.search(r"lightning[_-]?(\d+)[_-]?steps?", Path(path).name, re.IGNORECASE)
-        if match:
-            return int(match.group(1))
-    return None
+    return lightning_steps_origin(path, metadata)[0]
+
+
+def steps_in_file_name(name: str) -> int | None:
+    match = re.search(STEP_PATTERN, str(name), re.IGNORECASE)
+    return int(match.group(1)) if match else None
+
+
+def read_metadata(path) -> dict[str, str]:
+    """The metadata of a safetensors file, reading its header only (a few KB of a 900 MB file); ``{}`` for other
+    files and for files that cannot be read."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_EXTENSIONS:
+        return {}
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= 100_000_000:
+                return {}
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError):
+        return {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 def _dominant_dtype(tensors: Mapping[str, Any]) -> str | None:
@@ -455,17 +500,15 @@ def to_original_state_dict(tensors: Mapping[str, torch.Tensor], info: MotionModu
     channels, has_mid = info.channels, info.has_mid
     if info.format == "original":
         expected = original_layout(channels, has_mid, None if info.version == "animatelcm" else info.pe_length)
-        renamed = dict(tensors)
     else:
         expected = diffusers_layout(channels, has_mid, info.pe_length)
-        renamed = dict(tensors)
         if not any(k.endswith(DIFFUSERS_PE_SUFFIX) for k in tensors):
             expected = {k: v for k, v in expected.items() if not k.endswith(DIFFUSERS_PE_SUFFIX)}
 
-    missing = sorted(set(expected) - set(renamed))
-    unexpected = sorted(set(renamed) - set(expected))
-    mismatched = sorted(f"{k}: {list(_shape(renamed[k]))} instead of {list(expected[k])}"
-                        for k in set(expected) & set(renamed) if _shape(renamed[k]) != tuple(expected[k]))
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = sorted(f"{k}: {list(_shape(tensors[k]))} instead of {list(expected[k])}"
+                        for k in set(expected) & set(tensors) if _shape(tensors[k]) != tuple(expected[k]))
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -479,8 +522,8 @@ def to_original_state_dict(tensors: Mapping[str, torch.Tensor], info: MotionModu
             f"{'; '.join(parts)}. The file is damaged or was edited; download it again",
             path=path, problem=PROBLEM_KEYS, missing=missing, unexpected=unexpected, mismatched=mismatched)
 
-    for key in sorted(renamed):
-        value = renamed[key]
+    for key in sorted(tensors):
+        value = tensors[key]
         if value.dtype not in FLOAT_DTYPES:
             raise MotionModuleFileError(
                 f"{where}: tensor {key} has dtype {str(value.dtype).removeprefix('torch.')}; motion-module "
@@ -497,13 +540,13 @@ def to_original_state_dict(tensors: Mapping[str, torch.Tensor], info: MotionModu
     for prefix, _ in module_prefixes(len(channels), has_mid):
         for suffix in _ORIGINAL_SHAPES:
             source = suffix if info.format == "original" else _DIFFUSERS_FROM_ORIGINAL[suffix]
-            weights[f"{prefix}.{suffix}"] = renamed[f"{prefix}.{source}"]
+            weights[f"{prefix}.{suffix}"] = tensors[f"{prefix}.{source}"]
         if info.format == "original":
             for suffix in ORIGINAL_PE_SUFFIXES:
-                if f"{prefix}.{suffix}" in renamed:
-                    tables[prefix].append(renamed[f"{prefix}.{suffix}"])
-        elif f"{prefix}.{DIFFUSERS_PE_SUFFIX}" in renamed:
-            shared = renamed[f"{prefix}.{DIFFUSERS_PE_SUFFIX}"]
+                if f"{prefix}.{suffix}" in tensors:
+                    tables[prefix].append(tensors[f"{prefix}.{suffix}"])
+        elif f"{prefix}.{DIFFUSERS_PE_SUFFIX}" in tensors:
+            shared = tensors[f"{prefix}.{DIFFUSERS_PE_SUFFIX}"]
             tables[prefix] = [shared, shared]
     return weights, dict(tables)
 
@@ -529,8 +572,7 @@ def motion_module_from_state_dict(tensors: Mapping[str, torch.Tensor], *, path=N
             found = [t.to(device=device, dtype=target_dtype) for t in tables[prefix]]
         else:
             found = [sinusoidal_positions(info.pe_length, module.channels).to(device=device, dtype=target_dtype)] * 2
-        for attention, table in zip(module._attentions(), found):
-            attention.pos_encoder.pe = table.clone()
+        module.set_positional_tables(found)
     return module_set
 
 
@@ -570,14 +612,14 @@ def motion_module_tensors(module_set: MotionModuleSet, *, layout: str = "origina
         for suffix in _ORIGINAL_SHAPES:
             name = suffix if layout == "original" else _DIFFUSERS_FROM_ORIGINAL[suffix]
             out[f"{prefix}.{name}"] = prepare(weights[f"{prefix}.{suffix}"])
-        attentions = module._attentions()
+        tables = module.positional_tables()
         if layout == "original" and module_set.info.version == "animatelcm":
             continue  # AnimateLCM files carry no tables; writing them would make loaders call it v2
         if layout == "original":
-            for suffix, attention in zip(ORIGINAL_PE_SUFFIXES, attentions):
-                out[f"{prefix}.{suffix}"] = prepare(attention.pos_encoder.pe).clone()
+            for suffix, table in zip(ORIGINAL_PE_SUFFIXES, tables):
+                out[f"{prefix}.{suffix}"] = prepare(table).clone()
         else:
-            out[f"{prefix}.{DIFFUSERS_PE_SUFFIX}"] = prepare(attentions[0].pos_encoder.pe).clone()
+            out[f"{prefix}.{DIFFUSERS_PE_SUFFIX}"] = prepare(tables[0]).clone()
     return out
 
 
@@ -587,14 +629,24 @@ def provenance_metadata(module_set: MotionModuleSet, layout: str, extra: Mapping
     info = module_set.info
     meta = {"format": "pt", f"{METADATA_PREFIX}version": __version__, f"{METADATA_PREFIX}layout": layout,
             f"{METADATA_PREFIX}motion_version": info.version, f"{METADATA_PREFIX}pe_length": str(module_set.pe_length)}
-    if info.lightning_steps:
-        meta[f"{METADATA_PREFIX}lightning_steps"] = str(info.lightning_steps)
     if info.source:
         meta[f"{METADATA_PREFIX}source"] = Path(info.source).name
     for key, value in (extra or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInputError(f"metadata must map str to str; got {key!r}: {value!r}")
         meta[key] = value
+    # the caller's count wins: a student distilled from an 8-step teacher still carries the teacher's info
+    given = {key: (extra or {})[key] for key in STEPS_KEYS if key in (extra or {})}
+    steps = None
+    for key, value in given.items():
+        steps = _steps_value(value)
+        if steps is None:
+            raise InvalidInputError(f"metadata {key!r} must be a positive whole number of steps, got {value!r}")
+    if len({_steps_value(v) for v in given.values()}) > 1:
+        raise InvalidInputError(f"metadata gives two different step counts: {given}")
+    steps = steps or info.lightning_steps
+    if steps:
+        meta[STEPS_KEY] = str(steps)
     return meta
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import socket
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +42,15 @@ class KnownFile:
         return f"https://huggingface.co/{self.repo_id}/resolve/{self.revision}/{self.filename}"
 
 
+#: The step counts ByteDance released Lightning modules for.
+RELEASED_STEPS = (1, 2, 4, 8)
+#: How long the reachability check waits for the hub's host before calling the machine offline.
+REACH_TIMEOUT_S = 1.5
+
+
 def _lightning_files() -> dict[str, KnownFile]:
     files = {}
-    for steps in (1, 2, 4, 8):
+    for steps in RELEASED_STEPS:
         name = f"animatediff_lightning_{steps}step_comfyui.safetensors"
         files[name] = KnownFile(LIGHTNING_REPO, name, LIGHTNING_COMFYUI_BYTES, steps, "original")
     return files
@@ -59,6 +68,40 @@ class DownloadError(RuntimeError):
 def manual_instructions(known: KnownFile, dest_dir: str | os.PathLike) -> str:
     return (f"Download {known.filename} ({known.size:,} bytes) by hand from {known.url} "
             f"and put it in {Path(dest_dir)}")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline_reason(endpoint: str | None = None, *, timeout: float = REACH_TIMEOUT_S) -> str | None:
+    """Why no download can work right now, or None when the hub's host takes connections.
+
+    ``HF_HUB_OFFLINE`` (as huggingface_hub reads it) wins; otherwise one TCP connection to the endpoint's host
+    answers within ``timeout``. Without this check, huggingface_hub retries a dead network with back-off for
+    about 20 s before it gives up, and the node sits silent all that time.
+    """
+    try:
+        from huggingface_hub import constants  # it reads HF_HUB_OFFLINE once, on import
+        offline, default = bool(getattr(constants, "HF_HUB_OFFLINE", False)), constants.ENDPOINT
+    except ImportError:  # pragma: no cover - huggingface_hub is a declared dependency
+        offline, default = _env_true("HF_HUB_OFFLINE"), "https://huggingface.co"
+    if offline:
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(endpoint or os.environ.get("HF_ENDPOINT") or default)
+    host = url.hostname
+    if not host:
+        return f"the hub endpoint {url.geturl()!r} names no host"
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        url = urlsplit(proxy if "//" in proxy else f"http://{proxy}")  # behind a proxy, only the proxy is reachable
+        host = url.hostname or host
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"no network route to {host}:{port} ({exc.strerror or type(exc).__name__})"
 
 
 def _supports(fn: Callable, parameter: str) -> bool:
@@ -98,11 +141,20 @@ def download(name: str, dest_dir: str | os.PathLike, *, progress: Callable[[int,
         kwargs["endpoint"] = endpoint
     if progress is not None and _supports(hf_hub_download, "tqdm_class"):
         kwargs["tqdm_class"] = _progress_tqdm(progress)
-    log.info("downloading %s from %s into %s", known.filename, known.url, dest_dir)
+    offline = offline_reason(endpoint)
+    if offline is not None:
+        # the hub's own cache may still hold the file (downloaded by another tool): that needs no network
+        kwargs["local_files_only"] = True
+        log.info("%s: looking for %s in the Hugging Face cache only", offline, known.filename)
+    else:
+        log.info("downloading %s from %s into %s", known.filename, known.url, dest_dir)
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
         path = Path(hf_hub_download(**kwargs))
     except Exception as exc:
+        if offline is not None:
+            raise DownloadError(f"{known.filename} is not on disk and cannot be downloaded now: {offline}. "
+                                f"{manual_instructions(known, dest_dir)}") from exc
         raise DownloadError(f"Could not download {known.filename} from the Hugging Face hub "
                             f"({type(exc).__name__}: {exc}). {manual_instructions(known, dest_dir)}") from exc
 

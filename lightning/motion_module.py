@@ -154,8 +154,15 @@ class TemporalTransformer(nn.Module):
     def _attentions(self) -> Sequence[_TemporalSelfAttention]:
         return self.temporal_transformer.transformer_blocks[0].attention_blocks
 
+    def positional_tables(self) -> list[torch.Tensor]:
+        """The ``[1, L, C]`` tables of the two attentions, in order (the tensors themselves, not copies)."""
+        return [attention.pos_encoder.pe for attention in self._attentions()]
+
     def set_positional_tables(self, tables: Sequence[torch.Tensor] | None = None, *, length: int | None = None):
-        """Replace both attentions' tables: with given ``[1, L, C]`` tensors, or regenerated at ``length``."""
+        """Replace both attentions' tables: with given ``[1, L, C]`` tensors, or regenerated at ``length``.
+
+        The tables take the current tables' device and dtype; a module still on the meta device (being
+        loaded) takes them as given."""
         attentions = self._attentions()
         if tables is None:
             if length is None:
@@ -168,7 +175,9 @@ class TemporalTransformer(nn.Module):
                 raise InvalidInputError(
                     f"positional table must have shape [1, L, {self.channels}], got {list(table.shape)}")
             old = attention.pos_encoder.pe
-            attention.pos_encoder.pe = table.detach().to(device=old.device, dtype=old.dtype).clone()
+            if not old.is_meta:
+                table = table.to(device=old.device, dtype=old.dtype)
+            attention.pos_encoder.pe = table.detach().clone()
 
     # -- forward ----------------------------------------------------------------------------------------
 

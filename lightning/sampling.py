@@ -33,7 +33,7 @@ def move(x: torch.Tensor, eps: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
     """
     if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor):
         ds = torch.as_tensor(sigma_next, dtype=torch.float64) - torch.as_tensor(sigma, dtype=torch.float64)
-        return x + schedule._as_batch_column(ds, x) * eps
+        return x + schedule.as_batch_column(ds, x) * eps
     return x + (float(sigma_next) - float(sigma)) * eps
 
 
@@ -136,7 +136,7 @@ def strength_steps(steps: int, strength: float) -> int:
     fewer than one step). 4 steps: strengths 0.25 / 0.5 / 0.75 / 1.0 run 1 / 2 / 3 / 4 steps, starting at
     timesteps 249 / 499 / 749 / 999.
     """
-    schedule._check_steps(steps)
+    schedule.check_steps(steps)
     if not (0.0 < strength <= 1.0):
         raise ValueError(f"strength (denoise) must be in (0, 1], got {strength!r}")
     return max(1, min(steps, int(math.floor(strength * steps + 0.5))))
@@ -155,10 +155,11 @@ def snapped_strength(steps: int, strength: float) -> float:
 def strength_sigmas(steps: int, strength: float = 1.0, spacing: str = "trailing") -> torch.Tensor:
     """The tail of the ``steps``-step schedule that a strength of ``strength`` runs (snapped to the grid).
 
-    Logs a note when the requested strength is not on the grid.
+    Logs a debug note when the requested strength is not on the grid (callers that face a person say so in
+    their own words).
     """
     k = strength_steps(steps, strength)
     if abs(k / steps - strength) > 1e-6:
-        log.info("strength %.4g is not on the %d-step grid; using %.4g (%d of %d steps)",
+        log.debug("strength %.4g is not on the %d-step grid; using %.4g (%d of %d steps)",
                  strength, steps, k / steps, k, steps)
     return schedule.sigmas(steps, spacing)[steps - k:]

@@ -117,7 +117,7 @@ def timesteps(steps: int, spacing: str = "trailing") -> torch.Tensor:
     - ``sgm_uniform``: ComfyUI's ``linspace(999, 0, steps + 1)[:-1]`` (fractional, 4 steps -> 999, 749.25, ...);
     - ``simple``: ComfyUI's integer pick ``999 - int(i * 1000 / steps)``.
     """
-    _check_steps(steps)
+    check_steps(steps)
     n = NUM_TRAIN_TIMESTEPS
     if spacing == "trailing":
         ts = torch.tensor(trailing_timesteps(steps), dtype=torch.float64)
@@ -158,19 +158,21 @@ def sigmas(steps: int, spacing: str = "trailing") -> torch.Tensor:
 def scale_model_input(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """``x / sqrt(sigma^2 + 1)``: the variance-preserving input an epsilon-prediction UNet expects."""
     if isinstance(sigma, torch.Tensor):
-        sigma = _as_batch_column(sigma, x)
+        sigma = as_batch_column(sigma, x)
         return x / (sigma * sigma + 1).sqrt()
     return x / math.sqrt(sigma * sigma + 1.0)
 
 
-def _as_batch_column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a scalar or per-batch vector so it broadcasts over ``like``'s trailing dimensions."""
+def as_batch_column(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-batch vector reshaped (and moved to ``like``'s device and dtype) so it broadcasts over
+    ``like``'s trailing dimensions: one value per batch row."""
     v = v.to(device=like.device, dtype=like.dtype)
     if v.ndim == 0:
         return v
     return v.reshape(v.shape[0], *([1] * (like.ndim - 1)))
 
 
-def _check_steps(steps: int) -> None:
+def check_steps(steps: int) -> None:
+    """Raise ``ValueError`` unless ``steps`` is a usable step count (an int from 1 to the training steps)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1 or steps > NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be an integer between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps!r}")

@@ -25,7 +25,15 @@ def socket_type(name: str):
     return _CUSTOM[name]
 
 
-def _input(spec: In, resolve_options: Callable[[str], list[str]]):
+def _input(spec: In, resolve_options: Callable[[str], list[str]], extra: dict | None = None):
+    made = _widget(spec, resolve_options)
+    if extra:
+        # extra keys travel with the input in /object_info, where the frontend extension reads them
+        made.extra_dict = {**(getattr(made, "extra_dict", None) or {}), **extra}
+    return made
+
+
+def _widget(spec: In, resolve_options: Callable[[str], list[str]]):
     common = {"display_name": spec.display_name, "optional": spec.optional, "tooltip": spec.tooltip}
     if spec.type == "INT":
         return io.Int.Input(spec.id, default=spec.default, min=spec.min, max=spec.max, step=spec.step,
@@ -47,13 +55,16 @@ def _output(spec: Out):
     return socket_type(spec.type).Output(display_name=spec.name, tooltip=spec.tooltip)
 
 
-def build_schema(spec: NodeSpec, resolve_options: Callable[[str], list[str]] = lambda key: []) -> io.Schema:
+def build_schema(spec: NodeSpec, resolve_options: Callable[[str], list[str]] = lambda key: [],
+                 extras: dict[str, dict] | None = None) -> io.Schema:
+    """``extras`` maps input ids to JSON-able data sent along with that input's schema."""
+    extras = extras or {}
     return io.Schema(
         node_id=spec.node_id,
         display_name=spec.display_name,
         category=spec.category,
         description=spec.description,
-        inputs=[_input(i, resolve_options) for i in spec.inputs],
+        inputs=[_input(i, resolve_options, extras.get(i.id)) for i in spec.inputs],
         outputs=[_output(o) for o in spec.outputs],
         is_output_node=spec.is_output_node,
         is_experimental=spec.experimental,

@@ -1,7 +1,7 @@
 """Context windows inside ComfyUI: long clips sampled as overlapping 16-frame windows, several per model call.
 
 The Context Windows node stores a ``ContextSettings`` under ``model_options["adl_context"]``
-(``motion_patch.CONTEXT_KEY``) and registers three wrappers under the same key (``install``):
+(``keys.CONTEXT``) and registers three wrappers under the same key (``install``):
 
 - ``CALC_COND_BATCH``: splits the clip into the schedule's windows for the current step, groups them into model
   calls (``lightning.context.plan_batches``, from free memory or the user's cap), gives every call its slice of
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import guards
+from . import guards, keys
 from ._core import core
 
 context = core("context")
@@ -37,8 +37,6 @@ errors = core("errors")
 
 log = logging.getLogger(__name__)
 
-#: ``transformer_options`` entry: the frame index lists of the windows in the current model call, in row order
-WINDOWS_KEY = "adl_context_windows"
 #: ComfyUI's own margin when it decides how many conds fit in one call (``samplers._calc_cond_batch``)
 MEMORY_MARGIN = 1.5
 
@@ -260,9 +258,7 @@ def run_windows(call: Call, conds: Sequence, x: torch.Tensor, timestep: torch.Te
 # ---------------------------------------------------------------------------------------------------------------
 
 def _settings(model_options) -> ContextSettings | None:
-    from .motion_patch import CONTEXT_KEY
-
-    settings = (model_options or {}).get(CONTEXT_KEY)
+    settings = (model_options or {}).get(keys.CONTEXT)
     return settings if isinstance(settings, ContextSettings) else None
 
 
@@ -272,8 +268,6 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
         return executor(model, conds, x_in, timestep, model_options)
     import comfy.model_management
 
-    from .motion_patch import VIDEO_LENGTH_KEY
-
     transformer_options = model_options.get("transformer_options", {})
     step = current_step(timestep, transformer_options.get("sample_sigmas"))
     chunks = max(1, sum(c is not None for c in conds))  # cond and uncond rows of one frame
@@ -282,8 +276,8 @@ def calc_cond_batch_wrapper(executor, model, conds, x_in, timestep, model_option
 
     def call(sub_conds, sub_x, sub_t, windows):
         options = dict(model_options)
-        options["transformer_options"] = {**transformer_options, VIDEO_LENGTH_KEY: len(windows[0]),
-                                          WINDOWS_KEY: [list(w) for w in windows]}
+        options["transformer_options"] = {**transformer_options, keys.VIDEO_LENGTH: len(windows[0]),
+                                          keys.CONTEXT_WINDOWS: [list(w) for w in windows]}
         return executor(model, sub_conds, sub_x, sub_t, options)
 
     return run_windows(call, conds, x_in, timestep, settings, step, frame_bytes=frame_bytes,
@@ -304,11 +298,9 @@ def outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, denoise
     guider = executor.class_obj
     settings = _settings(guider.model_options)
     if settings is not None:
-        from .motion_patch import KEY as MOTION_KEY
-
         frames = int(noise.shape[0])
         settings.check_clip(frames, len(sigmas) - 1)
-        attachment = guider.model_patcher.get_attachment(MOTION_KEY)
+        attachment = guider.model_patcher.get_attachment(keys.MOTION)
         check_window_length(settings, frames, attachment.pe_length if attachment is not None else None)
         noise = initial_noise(noise, settings, seed)
         if settings.uses_windows(frames):
@@ -322,16 +314,14 @@ def install(model_patcher, settings: ContextSettings) -> None:
     """Put ``settings`` and our wrappers on ``model_patcher`` (a clone the caller owns)."""
     import comfy.patcher_extension
 
-    from .motion_patch import CONTEXT_KEY
-
     kinds = comfy.patcher_extension.WrappersMP
     if model_patcher.model_options.pop("context_handler", None) is not None:
         log.warning("[AnimateDiff-Lightning] Context Windows replaces ComfyUI's own context windows on this model; "
                     "use one of the two.")
     # the motion module's frame guard reads this entry too: with windows, clips may exceed its 32 frames
-    model_patcher.model_options[CONTEXT_KEY] = settings
+    model_patcher.model_options[keys.CONTEXT] = settings
     for kind, wrapper in ((kinds.CALC_COND_BATCH, calc_cond_batch_wrapper),
                           (kinds.PREPARE_SAMPLING, prepare_sampling_wrapper),
                           (kinds.OUTER_SAMPLE, outer_sample_wrapper)):
-        model_patcher.remove_wrappers_with_key(kind, CONTEXT_KEY)
-        model_patcher.add_wrapper_with_key(kind, CONTEXT_KEY, wrapper)
+        model_patcher.remove_wrappers_with_key(kind, keys.CONTEXT)
+        model_patcher.add_wrapper_with_key(kind, keys.CONTEXT, wrapper)

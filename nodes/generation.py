@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -15,10 +16,10 @@ import folder_paths
 import latent_preview
 from comfy_api.v0_0_2 import io
 
-from . import folders, guards, loras, specs
+from . import folders, guards, keys, loras, notify, specs
 from ._core import core
 from .comfy_schema import build_schema
-from .motion_patch import KEY, MotionModuleHandle, apply_motion_module, motion_patcher
+from .motion_patch import MotionModuleHandle, apply_motion_module, motion_patcher
 
 checkpoints = core("checkpoints")
 hub = core("hub")
@@ -37,8 +38,23 @@ def resolve_options(key: str) -> list[str]:
     raise KeyError(key)
 
 
-def _schema(spec: specs.NodeSpec) -> io.Schema:
-    return build_schema(spec, resolve_options)
+def _schema(spec: specs.NodeSpec, extras: dict | None = None) -> io.Schema:
+    return build_schema(spec, resolve_options, extras)
+
+
+def loader_rules() -> dict:
+    """The frontend's data (``guards.frontend_rules``) with what is on disk now: which released modules are not
+    downloaded yet, and the step counts our metadata gives (header reads only; metadata wins over a name, as on
+    the server)."""
+    on_disk = set(folder_paths.get_filename_list(folders.MOTION_MODULES))
+    steps = {}
+    for name in on_disk:
+        path = folder_paths.get_full_path(folders.MOTION_MODULES, name)
+        found, _ = checkpoints.lightning_steps_origin(None, checkpoints.read_metadata(path) if path else {})
+        if found is not None:
+            steps[name] = found
+    return guards.frontend_rules(not_downloaded=[n for n in hub.KNOWN_FILES if n not in on_disk],
+                                 steps_in_metadata=steps)
 
 
 def motion_module_path(name: str) -> str:
@@ -59,21 +75,32 @@ def motion_module_path(name: str) -> str:
                             "under animatediff_models) and refresh.")
 
 
+def module_steps(info, path: str, lightning_steps: str) -> tuple[object, str | None]:
+    """The module's info with the step count the user chose (``lightning_steps`` other than auto) or the file
+    gives, and where that count came from."""
+    if lightning_steps != specs.AUTO_STEPS:
+        return dataclasses.replace(info, lightning_steps=int(lightning_steps)), guards.FROM_INPUT
+    steps, origin = checkpoints.lightning_steps_origin(path, info.metadata)
+    return dataclasses.replace(info, lightning_steps=steps), origin
+
+
 class LoadMotionModule(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return _schema(specs.LOAD_MOTION_MODULE)
+        return _schema(specs.LOAD_MOTION_MODULE, {"name": {"adl_rules": loader_rules()}})
 
     @classmethod
-    def execute(cls, name, group_norm="per_frame"):
+    def execute(cls, name, group_norm="per_frame", lightning_steps=specs.AUTO_STEPS):
         path = motion_module_path(name)
         dtype = comfy.model_management.unet_dtype()
         module_set = checkpoints.load_motion_module(path, device=comfy.model_management.unet_offload_device(),
                                                     dtype=dtype)
         module_set.set_norm_mode(group_norm)
         module_set.requires_grad_(False)
-        log.info("[AnimateDiff-Lightning] loaded %s: %s", os.path.basename(path), module_set.info.label)
-        return io.NodeOutput(MotionModuleHandle(motion_patcher(module_set), module_set.info, path))
+        info, origin = module_steps(module_set.info, path, lightning_steps)
+        where = f", step count {guards.steps_origin_text(origin)}" if origin else ""
+        log.info("[AnimateDiff-Lightning] loaded %s: %s%s", os.path.basename(path), info.label, where)
+        return io.NodeOutput(MotionModuleHandle(motion_patcher(module_set), info, path, origin))
 
 
 class LoadMotionLoRA(io.ComfyNode):
@@ -117,19 +144,28 @@ class ApplyMotionModule(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-def _steps_for(model, steps: int) -> tuple[int, int | None]:
-    attachment = model.get_attachment(KEY)
+def _steps_for(model, steps: int, node: str) -> int:
+    """The step count to sample: ``steps``, or the module's own for 0; warns (once per run) off the grid."""
+    attachment = model.get_attachment(keys.MOTION)
     module_steps = attachment.lightning_steps if attachment is not None else None
+    origin = attachment.steps_origin if attachment is not None else None
     if steps == 0:
+        if attachment is None:
+            raise ValueError(guards.no_module_message(node))
         if module_steps is None:
-            what = attachment.info.label if attachment is not None else "no motion module"
-            raise ValueError(f"steps 0 means 'the Lightning module's step count', but this MODEL has {what}. "
-                             "Set steps explicitly (e.g. 20-25 with cfg 7.5 for non-Lightning modules).")
+            raise ValueError(guards.missing_steps_message(node, attachment.info.label))
         steps = module_steps
-    message = guards.check_steps(steps, module_steps)
+    message = guards.check_steps(steps, module_steps, origin)
     if message:
-        log.warning("[AnimateDiff-Lightning] %s", message)
-    return steps, module_steps
+        notify.warn(message)
+    return steps
+
+
+def _sigmas(steps: int, denoise: float) -> torch.Tensor:
+    message = guards.check_denoise(steps, denoise)
+    if message:
+        notify.warn(message)
+    return sampling.strength_sigmas(steps, denoise)
 
 
 class LightningSampler(io.ComfyNode):
@@ -141,8 +177,7 @@ class LightningSampler(io.ComfyNode):
     def execute(cls, model, positive, negative, latent_image, seed, steps=0, cfg=1.0, denoise=1.0):
         if denoise <= 0:
             return io.NodeOutput(latent_image)
-        steps, _ = _steps_for(model, steps)
-        sigmas = sampling.strength_sigmas(steps, denoise)
+        sigmas = _sigmas(_steps_for(model, steps, "Lightning Sampler"), denoise)
         latent = comfy.sample.fix_empty_latent_channels(model, latent_image["samples"])
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)
@@ -164,8 +199,7 @@ class LightningSigmas(io.ComfyNode):
     def execute(cls, model, steps=0, denoise=1.0):
         if denoise <= 0:
             return io.NodeOutput(torch.FloatTensor([]))
-        steps, _ = _steps_for(model, steps)
-        return io.NodeOutput(sampling.strength_sigmas(steps, denoise))
+        return io.NodeOutput(_sigmas(_steps_for(model, steps, "Lightning Sigmas"), denoise))
 
 
 NODES = [LoadMotionModule, LoadMotionLoRA, ApplyMotionModule, LightningSampler, LightningSigmas]

@@ -38,7 +38,7 @@ def _number(value) -> float:
 class VideoMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return build_schema(specs.VIDEO_METRICS)
+        return build_schema(specs.VIDEO_METRICS, specs.resolve_core_options)
 
     @classmethod
     def execute(cls, images, flow_method="dis", context_length=16, context_overlap=4,

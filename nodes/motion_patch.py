@@ -24,19 +24,13 @@ import comfy.model_patcher
 import comfy.model_sampling
 import comfy.patcher_extension
 
-from . import guards
+from . import guards, keys, notify
 from ._core import core
 from .placement import MotionInjection
 
 schedule = core("schedule")
 
 log = logging.getLogger(__name__)
-
-KEY = "adl_motion"  # attachments, additional models, injections, wrappers: ours alone, never Evolved's "ADE"
-OPTIONS_KEY = "adl_motion"  # transformer_options entry with the per-clone motion settings
-VIDEO_LENGTH_KEY = "adl_video_length"  # set by our context-window wrapper when a call holds several windows
-CONTEXT_KEY = "adl_context"  # model_options entry set by the Context Windows node
-EVOLVED_KEY = "ADE"
 
 
 @dataclass
@@ -46,6 +40,7 @@ class MotionModuleHandle:
     patcher: comfy.model_patcher.ModelPatcher
     info: object  # lightning.motion_module.MotionModuleInfo
     path: str
+    steps_origin: str | None = None  # where info.lightning_steps came from (guards.steps_origin_text)
 
     @property
     def module_set(self):
@@ -59,6 +54,7 @@ class MotionAttachment:
     info: object
     scale: float = 1.0
     loras: list = field(default_factory=list)
+    steps_origin: str | None = None
 
     @property
     def lightning_steps(self) -> int | None:
@@ -77,7 +73,7 @@ def motion_patcher(module_set) -> comfy.model_patcher.ModelPatcher:
 _SAMPLING_CLASS = None
 
 
-def animatediff_model_sampling(model_config=None):
+def animatediff_model_sampling():
     """A ModelSamplingDiscrete (epsilon) on AnimateDiff's linear betas: ComfyUI's "sqrt_linear"."""
     global _SAMPLING_CLASS
     if _SAMPLING_CLASS is None:
@@ -92,7 +88,7 @@ def animatediff_model_sampling(model_config=None):
 def clip_length(x: torch.Tensor, transformer_options: dict) -> int:
     """Frames per clip in this UNet call: set explicitly by our context windows, else the batch divided by
     the number of cond/uncond chunks ComfyUI concatenated (each chunk is one whole clip)."""
-    explicit = transformer_options.get(VIDEO_LENGTH_KEY)
+    explicit = transformer_options.get(keys.VIDEO_LENGTH)
     if explicit:
         return int(explicit)
     chunks = len(transformer_options.get("cond_or_uncond") or ()) or 1
@@ -104,7 +100,7 @@ def clip_length(x: torch.Tensor, transformer_options: dict) -> int:
 def forward_motion(layer, x, emb, context, transformer_options, *args, **kwargs):
     """The ``forward_timestep_embed_patch`` handler for our temporal modules."""
     frames = clip_length(x, transformer_options)
-    scale = float(transformer_options.get(OPTIONS_KEY, {}).get("scale", 1.0))
+    scale = float(transformer_options.get(keys.MOTION_OPTIONS, {}).get("scale", 1.0))
     weight = next(layer.parameters())
     out = layer(x.to(device=weight.device, dtype=weight.dtype), frames, scale=scale)
     return out.to(device=x.device, dtype=x.dtype)
@@ -112,15 +108,19 @@ def forward_motion(layer, x, emb, context, transformer_options, *args, **kwargs)
 
 def _outer_sample_guard(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
     guider = executor.class_obj
-    attachment = guider.model_patcher.get_attachment(KEY)
+    attachment = guider.model_patcher.get_attachment(keys.MOTION)
     if attachment is not None:
         options = guider.model_options
-        windows = CONTEXT_KEY in options or "context_handler" in options
-        for message in guards.check_frames(int(noise.shape[0]), attachment.pe_length, windows=windows):
-            log.warning("[AnimateDiff-Lightning] %s", message)
-        message = guards.check_sigmas(sigmas.detach().cpu().tolist(), attachment.lightning_steps)
-        if message:
-            log.warning("[AnimateDiff-Lightning] %s", message)
+        windows = keys.CONTEXT in options or "context_handler" in options
+        sigma_list = sigmas.detach().cpu().tolist()
+        steps, origin = attachment.lightning_steps, attachment.steps_origin
+        messages = guards.check_frames(int(noise.shape[0]), attachment.pe_length, windows=windows)
+        messages += [guards.check_sigmas(sigma_list, steps),
+                     guards.check_schedule_steps(sigma_list, steps, origin),
+                     guards.check_cfg(getattr(guider, "cfg", None), steps, origin)]
+        for message in messages:
+            if message:
+                notify.warn(message)
     return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
 
@@ -130,7 +130,7 @@ def apply_motion_module(model, handle: MotionModuleHandle, *, scale: float = 1.0
     config = getattr(getattr(model.model, "model_config", None), "unet_config", None)
     family = type(getattr(model.model, "model_config", model.model)).__name__
     guards.check_sd15_unet(config, family, module_channels=handle.info.channels)
-    if model.get_injections(EVOLVED_KEY) or model.get_additional_models_with_key(EVOLVED_KEY):
+    if model.get_injections(keys.EVOLVED) or model.get_additional_models_with_key(keys.EVOLVED):
         raise guards.ModelFamilyError(
             "Apply Motion Module: this MODEL already carries an AnimateDiff-Evolved motion module. Two motion "
             "modules in one UNet produce noise: use the MODEL from before Evolved's nodes, or only Evolved's.")
@@ -141,17 +141,18 @@ def apply_motion_module(model, handle: MotionModuleHandle, *, scale: float = 1.0
         module_patcher.add_patches(lora_patches, strength_patch=1.0)
     injection = MotionInjection.for_module_set(handle.module_set)
     # a second Apply on the same MODEL replaces the first rather than stacking two modules
-    patched.set_additional_models(KEY, [module_patcher])
-    patched.set_injections(KEY, [comfy.patcher_extension.PatcherInjection(
+    patched.set_additional_models(keys.MOTION, [module_patcher])
+    patched.set_injections(keys.MOTION, [comfy.patcher_extension.PatcherInjection(
         inject=lambda p: injection.inject(p.model.diffusion_model),
         eject=lambda p: injection.eject(p.model.diffusion_model))])
     transformer_options = patched.model_options.setdefault("transformer_options", {})
     existing = transformer_options.get("patches", {}).get("forward_timestep_embed_patch", [])
     if not any(handler is forward_motion for _, handler in existing):
         patched.set_model_forward_timestep_embed_patch((type(injection.down[0]), forward_motion))
-    transformer_options[OPTIONS_KEY] = {"scale": float(scale)}
-    patched.add_object_patch("model_sampling", animatediff_model_sampling(model.model.model_config))
-    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, KEY, _outer_sample_guard)
-    patched.set_attachments(KEY, MotionAttachment(handle.info, float(scale), list(loras)))
+    transformer_options[keys.MOTION_OPTIONS] = {"scale": float(scale)}
+    patched.add_object_patch("model_sampling", animatediff_model_sampling())
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, keys.MOTION)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, keys.MOTION, _outer_sample_guard)
+    patched.set_attachments(keys.MOTION, MotionAttachment(handle.info, float(scale), list(loras),
+                                                          handle.steps_origin))
     return patched

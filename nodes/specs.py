@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ._core import core
+
+_context = core("context")
+_hub = core("hub")
+_motion_module = core("motion_module")
+
 ROOT = "AnimateDiff-Lightning"
 CAT_MOTION = f"{ROOT}/motion"
 CAT_SAMPLING = f"{ROOT}/sampling"
@@ -24,8 +30,15 @@ MOTION_LORA = "MOTION_LORA"
 #: Combo inputs whose options are the files of a model folder, resolved when ComfyUI asks for the schema.
 OPTIONS_MOTION_MODULES = "@animatediff_models"
 OPTIONS_MOTION_LORAS = "@animatediff_motion_lora"
+#: The metrics' optical-flow methods: resolved with the schema, because ``lightning.metrics`` needs OpenCV and
+#: the other nodes must load without it.
+OPTIONS_FLOW_METHODS = "@flow_methods"
 
-NORM_MODES = ("per_frame", "across_frames")
+NORM_MODES = _motion_module.NORM_MODES
+#: ``auto`` reads the step count from the file (our metadata, then a release-style name); the numbers are the
+#: released Lightning step counts.
+AUTO_STEPS = "auto"
+LIGHTNING_STEPS_OPTIONS = (AUTO_STEPS, *(str(n) for n in _hub.RELEASED_STEPS))
 
 
 @dataclass(frozen=True)
@@ -41,7 +54,6 @@ class In:
     optional: bool = False
     display_name: str | None = None
     control_after_generate: bool = False
-    advanced: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,18 +88,24 @@ LOAD_MOTION_MODULE = NodeSpec(
     description=(
         "Loads an SD1.5 AnimateDiff motion module: AnimateDiff-Lightning 1/2/4/8-step (the _comfyui or _diffusers "
         "file), AnimateDiff v1/v2/v3 or AnimateLCM, in .safetensors or .ckpt. The released Lightning modules are "
-        "always listed; one that is not on disk yet is downloaded from the Hugging Face hub into "
-        "models/animatediff_models on first use. Wrong files (SDXL modules, motion LoRAs, SD checkpoints, "
+        "always listed (marked \"not downloaded\" until they are on disk); one that is not on disk yet is "
+        "downloaded from the Hugging Face hub into models/animatediff_models on first use, and fails at once with "
+        "the manual download link when offline. Wrong files (SDXL modules, motion LoRAs, SD checkpoints, "
         "ControlNets, damaged files) are refused with a message that says what they are."),
     inputs=(
         In("name", "COMBO", options=OPTIONS_MOTION_MODULES, default="animatediff_lightning_4step_comfyui.safetensors",
            tooltip="Motion module file from models/animatediff_models (or any folder registered for "
                    "animatediff_models in extra_model_paths.yaml). Pick the Lightning module whose step count you "
                    "will sample with; the 4-step one is the best speed/quality balance."),
-        In("group_norm", "COMBO", options=NORM_MODES, default="per_frame", optional=True, advanced=True,
+        In("group_norm", "COMBO", options=NORM_MODES, default="per_frame", optional=True,
            tooltip="How the motion module normalises: per_frame is the original AnimateDiff (and ComfyUI) "
                    "behaviour; across_frames is what diffusers does. Keep per_frame unless you are matching "
                    "diffusers output."),
+        In("lightning_steps", "COMBO", options=LIGHTNING_STEPS_OPTIONS, default=AUTO_STEPS, optional=True,
+           tooltip="The step count the module was distilled for, which steps 0 on the samplers uses. auto reads "
+                   "it from the file: the metadata this pack writes into modules it saves, else a name like "
+                   "animatediff_lightning_4step. Set it for a Lightning module saved under another name; a "
+                   "non-Lightning module (AnimateDiff v2/v3) stays on auto."),
     ),
     outputs=(Out(MOTION_MODULE, "motion_module",
                  "The motion module with its format, version and Lightning step count; connect it to Apply Motion "
@@ -156,14 +174,16 @@ LIGHTNING_SAMPLER = NodeSpec(
         In("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
            tooltip="Noise seed; the same seed gives the same noise as KSampler."),
         In("steps", "INT", default=0, min=0, max=100,
-           tooltip="0 uses the module's own step count (4 for the 4-step module). Other values work but leave the "
-                   "grid the module was distilled on; 3 steps on the 2-step module is a known good choice."),
+           tooltip="0 uses the module's own step count (4 for the 4-step module; set on Load Motion Module's "
+                   "lightning_steps, or read from the file). Other values work but leave the grid the module was "
+                   "distilled on; 3 steps on the 2-step module is a known good choice."),
         In("cfg", "FLOAT", default=1.0, min=0.0, max=30.0, step=0.1,
            tooltip="Classifier-free guidance. 1.0 is what Lightning was distilled for (fastest, negative prompt "
-                   "ignored); some base models look better at 1.5-2."),
+                   "ignored); some base models look better at 1.5-2. Above 2 the pack warns: twice the time and burnt "
+                   "colours."),
         In("denoise", "FLOAT", default=1.0, min=0.0, max=1.0, step=0.01,
            tooltip="1.0 for text-to-video. Below 1 for video-to-video: snapped to the module's grid (0.25 / 0.5 / "
-                   "0.75 for the 4-step module); the log says when it snaps."),
+                   "0.75 for the 4-step module); a warning says when it snaps."),
     ),
     outputs=(Out("LATENT", "latent", "The sampled video latents, one per frame; decode with VAE Decode."),),
 )
@@ -200,9 +220,8 @@ def spec_by_id() -> dict[str, NodeSpec]:
 
 # --- long videos ------------------------------------------------------------------------------------------------
 
-CONTEXT_SCHEDULES = ("standard_static", "standard_uniform", "looped_uniform", "batched")
-FUSE_METHODS = ("pyramid", "flat", "overlap-linear", "relative")
-FLOW_METHODS = ("dis", "farneback")
+CONTEXT_SCHEDULES = _context.SCHEDULES
+FUSE_METHODS = _context.FUSE_METHODS
 
 CONTEXT_WINDOWS = NodeSpec(
     node_id="ADL_ContextWindows",
@@ -239,7 +258,7 @@ CONTEXT_WINDOWS = NodeSpec(
         In("freenoise", "BOOLEAN", default=True, optional=True,
            tooltip="FreeNoise: later windows start from shuffled noise of earlier frames, so neighbouring windows "
                    "agree better. Reproducible with the sampler's seed. Has no effect on clips within one window."),
-        In("max_windows_per_call", "INT", default=0, min=0, max=1024, step=1, optional=True, advanced=True,
+        In("max_windows_per_call", "INT", default=0, min=0, max=1024, step=1, optional=True,
            tooltip="0 batches as many windows into one model call as free memory allows (fastest on a GPU). 1 runs "
                    "windows one at a time like other packs; any other number caps the batch."),
     ),
@@ -259,7 +278,7 @@ VIDEO_METRICS = NodeSpec(
         "prompt and seed: the values are regression signals, not absolute quality scores."),
     inputs=(
         In("images", "IMAGE", tooltip="The decoded video frames (VAE Decode output)."),
-        In("flow_method", "COMBO", options=FLOW_METHODS, default="dis",
+        In("flow_method", "COMBO", options=OPTIONS_FLOW_METHODS, default="dis",
            tooltip="Optical flow for the warping error: dis (OpenCV DIS, fast and robust) or farneback."),
         In("context_length", "INT", default=16, min=0, max=256, step=1,
            tooltip="The Context Windows settings the video was sampled with, for the seam score; 0 skips the seam "
@@ -311,3 +330,13 @@ LOAD_IMAGE_SEQUENCE = NodeSpec(
 
 LONG_VIDEO_NODES = (CONTEXT_WINDOWS, VIDEO_METRICS, LOAD_IMAGE_SEQUENCE)
 
+
+
+def resolve_core_options(key: str) -> list[str]:
+    """Option lists that live in ``lightning`` modules too heavy to import with the specs."""
+    if key == OPTIONS_FLOW_METHODS:
+        try:
+            return list(core("metrics").FLOW_METHODS)
+        except ImportError:  # no OpenCV: the node says so when it runs
+            return []
+    raise KeyError(key)

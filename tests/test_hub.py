@@ -99,3 +99,42 @@ def test_a_file_missing_on_the_hub_fails_with_manual_instructions(tmp_path, onli
         server.close()
     assert "by hand" in str(e.value) and NAME in str(e.value)
     assert not (tmp_path / NAME).exists()
+
+
+def test_offline_mode_fails_at_once_without_retries(tmp_path):
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(hub.DownloadError) as e:
+        hub.download(NAME, tmp_path, known_files=known())
+    assert time.monotonic() - start < 2.0
+    assert "HF_HUB_OFFLINE is set" in str(e.value) and "not on disk" in str(e.value)
+
+
+def test_no_route_to_the_hub_fails_at_once_with_manual_instructions(tmp_path, online):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    assert hub.offline_reason(dead).startswith("no network route to 127.0.0.1")
+    start = time.monotonic()
+    with pytest.raises(hub.DownloadError) as e:
+        hub.download(NAME, tmp_path, known_files=known(), endpoint=dead)
+    assert time.monotonic() - start < 2.0
+    msg = str(e.value)
+    assert "no network route" in msg and "by hand" in msg and hub.KNOWN_FILES[NAME].url in msg
+
+
+def test_a_reachable_hub_is_not_called_offline(online, fake_hub):
+    assert hub.offline_reason(fake_hub.endpoint) is None
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_answer(online, fake_hub, monkeypatch):
+    port = fake_hub.endpoint.rsplit(":", 1)[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    # the hub's own host is not reachable from here, but the (stand-in) proxy is: not offline
+    assert hub.offline_reason("https://hub.invalid") is None

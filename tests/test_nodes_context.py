@@ -117,7 +117,7 @@ def test_settings_fail_at_the_node_with_the_setting_named():
 def test_node_options_are_the_core_lists():
     assert set(specs.CONTEXT_SCHEDULES) == set(context.SCHEDULES)
     assert set(specs.FUSE_METHODS) == set(context.FUSE_METHODS)
-    assert set(specs.FLOW_METHODS) == set(metrics.FLOW_METHODS)
+    assert specs.resolve_core_options(specs.VIDEO_METRICS.input("flow_method").options) == list(metrics.FLOW_METHODS)
     node = specs.spec_by_id()["ADL_ContextWindows"]
     defaults = {i.id: i.default for i in node.inputs}
     assert defaults == {"model": None, "context_length": 16, "context_overlap": 4,

@@ -56,6 +56,8 @@ def test_stable_core_inputs_of_the_generation_nodes():
     assert by_id["ADL_ApplyMotionModule"].input("scale").default == 1.0
     assert by_id["ADL_LoadMotionModule"].outputs[0].type == "MOTION_MODULE"
     assert by_id["ADL_LoadMotionLoRA"].outputs[0].type == "MOTION_LORA"
+    steps = by_id["ADL_LoadMotionModule"].input("lightning_steps")
+    assert steps.options == ("auto", "1", "2", "4", "8") and steps.default == "auto" and steps.optional
 
 
 # --- guards --------------------------------------------------------------------------------------------------
@@ -95,9 +97,35 @@ def test_step_guard_allows_the_known_good_pairs():
     assert guards.check_steps(4, 4) is None
     assert guards.check_steps(3, 2) is None
     assert guards.check_steps(7, None) is None
-    msg = guards.check_steps(8, 4)
-    assert "4-step" in msg and "steps to 0" in msg
-    assert "3 steps" in guards.check_steps(4, 2)
+    msg = guards.check_steps(8, 4, "file name")
+    assert "4-step" in msg and "Set steps to 4 (0 on the Lightning nodes)" in msg
+    assert "read from the file name; if that is wrong, set lightning_steps on Load Motion Module" in msg
+    assert "Set steps to 2 (or 3)" in guards.check_steps(4, 2)
+    assert "set by lightning_steps on Load Motion Module" in guards.check_steps(8, 4, guards.FROM_INPUT)
+    assert "read from the file's metadata" in guards.check_steps(8, 4, "metadata")
+    # the same rule for a KSampler's full schedule, whose length is the step count; partial ones are not judged
+    assert guards.check_schedule_steps(schedule.sigmas(8).tolist(), 4) == guards.check_steps(8, 4)
+    assert guards.check_schedule_steps(schedule.sigmas(3).tolist(), 2) is None
+    assert guards.check_schedule_steps(schedule.sigmas(8)[3:].tolist(), 4) is None
+
+
+def test_steps_zero_without_a_step_count_says_how_to_set_it():
+    msg = guards.missing_steps_message("Lightning Sampler", "AnimateDiff v2 (original keys)")
+    assert "set lightning_steps on Load Motion Module" in msg and "20-25" in msg and "metadata" in msg
+
+
+def test_cfg_guard_warns_above_two_for_lightning_modules_only():
+    assert guards.check_cfg(1.0, 4) is None and guards.check_cfg(2.0, 4) is None
+    assert guards.check_cfg(8.0, None) is None  # AnimateDiff v2 wants cfg 7.5
+    msg = guards.check_cfg(8.0, 4, "file name")
+    assert msg.startswith("cfg 8 with the 4-step Lightning module") and "set cfg to 1" in msg
+
+
+def test_denoise_note_uses_the_widget_word_and_the_snapped_value():
+    assert guards.check_denoise(4, 0.75) is None and guards.check_denoise(8, 0.625) is None
+    msg = guards.check_denoise(8, 0.6)
+    assert msg.startswith("denoise 0.6 is not on the 8-step grid; using 0.625 (5 of 8 steps)")
+    assert "strength" not in msg
 
 
 def test_sigma_guard_flags_normal_scheduler_at_two_steps_but_not_the_trained_grid():
@@ -297,3 +325,52 @@ def test_top_level_init_imports_without_comfyui_and_exposes_the_v3_entrypoint():
     with pytest.raises(ImportError):  # only ComfyUI can run it
         asyncio.run(module.comfy_entrypoint())
     assert "comfy" not in sys.modules
+
+
+# --- run-time warnings ---------------------------------------------------------------------------------------
+
+class _Server:
+    """Stand-in for ComfyUI's PromptServer: what a run sets, and what send_sync was given."""
+
+    def __init__(self):
+        self.last_prompt_id, self.last_node_id, self.client_id = "run-1", "7", "browser-a"
+        self.sent = []
+
+    def send_sync(self, event, data, sid=None):
+        self.sent.append((event, data, sid))
+
+
+def test_warnings_reach_the_browser_once_per_run_with_our_prefix(caplog):
+    from nodes import keys, notify
+
+    server = _Server()
+    notifier = notify.Notifier(server)
+    with caplog.at_level("WARNING", logger="nodes.notify"):
+        assert notifier.warn("cfg 8 with the 4-step Lightning module")
+        assert not notifier.warn("cfg 8 with the 4-step Lightning module")  # the second sampler of the run
+        assert notifier.warn("only 4 frame(s)")
+    assert [(e, d["message"], d["node"], d["prompt_id"], sid) for e, d, sid in server.sent] == [
+        (keys.WARNING_EVENT, "[AnimateDiff-Lightning] cfg 8 with the 4-step Lightning module", "7", "run-1",
+         "browser-a"),
+        (keys.WARNING_EVENT, "[AnimateDiff-Lightning] only 4 frame(s)", "7", "run-1", "browser-a")]
+    assert caplog.text.count("cfg 8") == 1
+    server.last_prompt_id = "run-2"  # the next run hears it again
+    assert notifier.warn("cfg 8 with the 4-step Lightning module") and len(server.sent) == 3
+
+
+def test_keys_are_distinct_names():
+    from nodes import keys
+
+    names = [v for k, v in vars(keys).items() if k.isupper()]
+    assert len(names) == len(set(names))
+
+
+def test_the_registry_icon_exists_and_fits():
+    import tomllib
+    import xml.etree.ElementTree as ET
+
+    icon = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["Icon"]
+    path = REPO / icon.split("/main/", 1)[1]
+    assert path.is_file(), icon
+    root = ET.parse(path).getroot()
+    assert float(root.attrib["width"]) <= 800 and float(root.attrib["height"]) <= 400

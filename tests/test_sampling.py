@@ -191,13 +191,13 @@ def test_strength_starts_on_the_trained_grid(strength, t0, n):
 
 
 def test_off_grid_strength_snaps_to_nearest_and_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="lightning.sampling"):
+    with caplog.at_level(logging.DEBUG, logger="lightning.sampling"):
         sig = sampling.strength_sigmas(4, 0.6)
     assert sampling.snapped_strength(4, 0.6) == 0.5
     assert torch.equal(sig, schedule.sigmas(4)[2:])
     assert "not on the 4-step grid" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="lightning.sampling"):
+    with caplog.at_level(logging.DEBUG, logger="lightning.sampling"):
         sampling.strength_sigmas(4, 0.5)
     assert caplog.text == ""
     # tiny strengths still run one step; 0.65 rounds up to 0.75

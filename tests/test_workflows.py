@@ -60,3 +60,28 @@ def test_validation_catches_broken_workflows():
     # an unknown node
     sampler["type"] = "ADL_NoSuchNode"
     assert any("unknown node type" in p for p in validate(workflow, schemas))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_node_titles_do_not_state_values_the_user_edits(path):
+    """A title like "16 frames at 512x512" goes stale the moment someone changes the widgets under it."""
+    import re
+
+    for node in json.loads(path.read_text())["nodes"]:
+        title = node.get("title")
+        if not title:
+            continue
+        for value in node.get("widgets_values", []):
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)):
+                assert not re.search(rf"(?<![\d.]){value:g}(?![\d.])", title), (node["type"], title, value)
+            elif isinstance(value, str) and len(value) > 2 and value not in ("fixed", "auto"):
+                assert value.lower() not in title.lower(), (node["type"], title, value)
+
+
+def test_the_title_check_catches_a_stale_size():
+    import re
+
+    assert re.search(rf"(?<![\d.]){512:g}(?![\d.])", "16 frames at 512x512")
+    assert not re.search(rf"(?<![\d.]){1:g}(?![\d.])", "Frames at SD1.5 size")

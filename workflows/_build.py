@@ -104,9 +104,11 @@ def txt2vid_lightning_4step() -> Workflow:
     neg = w.node("CLIPTextEncode", (380, 260), (400, 130), widgets={"text": NEGATIVE},
                  inputs={"clip": (ckpt, 1)}, title="Negative prompt (used only with cfg > 1)", color="#322")
     latent = w.node("EmptyLatentImage", (380, 430), (400, 110),
-                    widgets={"width": 512, "height": 512, "batch_size": 16}, title="16 frames at 512x512")
+                    widgets={"width": 512, "height": 512, "batch_size": 16},
+                    title="Video size (batch_size = number of frames)")
     mm = w.node("ADL_LoadMotionModule", (20, 210), (330, 100),
-                widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame"})
+                widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame",
+                         "lightning_steps": "auto"})
     apply = w.node("ADL_ApplyMotionModule", (20, 370), (330, 100), widgets={"scale": 1.0},
                    inputs={"model": (ckpt, 0), "motion_module": (mm, 0)})
     sampler = w.node("ADL_LightningSampler", (820, 60), (330, 240),
@@ -159,7 +161,8 @@ def vid2vid_pose_controlnet() -> Workflow:
     w.group("2. Poses (OpenPose ControlNet)", (660, 0, 660, 480), color="#8a6")
     # 3. model: Lightning motion module + context windows for clips longer than 16 frames
     mm = w.node("ADL_LoadMotionModule", (20, 720), (330, 100),
-                widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame"})
+                widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame",
+                         "lightning_steps": "auto"})
     apply = w.node("ADL_ApplyMotionModule", (20, 880), (330, 100), widgets={"scale": 1.0},
                    inputs={"model": (ckpt, 0), "motion_module": (mm, 0)})
     windows = w.node("ADL_ContextWindows", (800, 580), (320, 300),

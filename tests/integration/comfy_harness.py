@@ -145,8 +145,8 @@ class ComfyServer:
     def object_info(self) -> dict:
         return self.get("/object_info")
 
-    def submit(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    def submit(self, prompt: dict, client_id: str | None = None) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
         if status != 200:
             raise PromptFailed(f"prompt rejected ({status}): {json.dumps(body)[:2000]}", body)
         return body["prompt_id"]
@@ -192,6 +192,80 @@ class ComfyServer:
     def latent(self, result: Result, node_id: str) -> torch.Tensor:
         item = result.outputs[node_id]["latents"][0]
         return load_file(str(self.output_file(item)))["latent_tensor"]
+
+
+class WebSocketListener:
+    """What the browser hears: a websocket to ``/ws?clientId=...`` collecting every JSON message with the time it
+    arrived (stdlib only; the server's frames to a client are unmasked text frames)."""
+
+    def __init__(self, server: "ComfyServer", client_id: str | None = None):
+        import base64
+        import threading
+
+        self.client_id = client_id or uuid.uuid4().hex
+        self.messages: list[tuple[float, str, dict]] = []
+        self._sock = socket.create_connection((HOST, server.port), timeout=10)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self._sock.sendall((f"GET /ws?clientId={self.client_id} HTTP/1.1\r\nHost: {HOST}:{server.port}\r\n"
+                            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self._sock.recv(1)
+            if not chunk:
+                raise ConnectionError("websocket handshake: connection closed")
+            head += chunk
+        if b" 101 " not in head.split(b"\r\n", 1)[0]:
+            raise ConnectionError(f"websocket handshake refused: {head[:200]!r}")
+        self._sock.settimeout(None)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _exact(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self._sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _read(self) -> None:
+        try:
+            while True:
+                first, second = self._exact(2)
+                length = second & 0x7F
+                if length == 126:
+                    length = int.from_bytes(self._exact(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(self._exact(8), "big")
+                payload = self._exact(length)
+                if first & 0x0F == 0x1:  # text: ComfyUI's JSON messages (binary frames are previews)
+                    message = json.loads(payload)
+                    self.messages.append((time.monotonic(), message.get("type"), message.get("data") or {}))
+                elif first & 0x0F == 0x8:
+                    return
+        except (OSError, ConnectionError, ValueError):
+            return
+
+    def of_type(self, kind: str) -> list[tuple[float, dict]]:
+        return [(t, data) for t, k, data in list(self.messages) if k == kind]
+
+    def wait_for(self, predicate, timeout: float = 3600.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for item in list(self.messages):
+                if predicate(*item):
+                    return item
+            time.sleep(0.05)
+        raise TimeoutError(f"no matching websocket message in {timeout:.0f}s; got "
+                           f"{[k for _, k, _ in self.messages][-20:]}")
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
 
 
 def fixture_dir() -> Path:

@@ -103,7 +103,7 @@ def test_guard_rail_warnings_reach_the_log(comfy):
     comfy.run(save_latent(lightning_sampler(with_motion(base(frames=8)), steps=8, denoise=0.6), "adl/warn2"))
     log = comfy.log()[start:]
     assert "sampling 8 steps with the 4-step Lightning module" in log
-    assert "strength 0.6 is not on the 8-step grid; using 0.625" in log
+    assert "denoise 0.6 is not on the 8-step grid; using 0.625" in log
 
 
 def test_released_module_is_downloaded_through_the_loader_from_the_hub(tmp_path_factory):
