@@ -23,11 +23,11 @@ Traced on real CPU tensors the same way, the tracker agreed with the CPU allocat
 The SD1.5 UNet traced is ComfyUI's when ``training.sd15_setup`` can build one (ComfyUI present), otherwise a
 shape-identical stand-in (:mod:`training.sd15_standin`); the plan's table says which.
 
-Until the loop's ``train_iteration`` is wired in, the iteration traced is :func:`plan_iteration`: per lane and
-micro-batch, the teacher's n Euler steps (no gradients, with the stage's CFG), the student's jump, and either
-the MSE loss's backward or D's loss backward, D's step (after the last chunk, while the student's graph is
-still alive, as in ``lightning.distill.run_stage``) and the generator loss's backward through D into the
-student; then gradient clipping and the student's step.
+Until the loop's ``train_iteration`` is wired in, the iteration traced is :func:`plan_iteration`, which keeps
+that function's order: per lane and micro-batch the teacher's n Euler steps (no gradients, with the stage's
+CFG) and the student's jump; MSE: the loss's backward per chunk; adversarial: D's loss backward per chunk (the
+student's jump detached), D's step, then for every chunk the student's jump again and the generator loss's
+backward through the frozen D into the student; gradient clipping and the student's step.
 """
 
 from __future__ import annotations
@@ -486,56 +486,71 @@ def plan_iteration(settings: PlanSettings, geometry: Geometry, phase_kind: str, 
     cfg = stage.cfg
     frames = geometry.frames
 
+    def draw(base, clips, lane):
+        """x_t, cond and the teacher's n Euler steps (no gradients), as ``distill.draw_pair`` makes them."""
+        rows = clips * frames
+        x = torch.randn(rows, 4, geometry.height, geometry.width)
+        cond = torch.randn(clips, tokens, context_dim)
+        uncond = torch.randn(clips, tokens, context_dim) if cfg != 1.0 else None
+        target = x
+        with torch.no_grad(), autocast():
+            denoiser = distill.denoiser_for(base, teacher_of[0])
+            for k in range(stage.n):
+                if steps[k] < 0:
+                    break
+                x_in = schedule.scale_model_input(target, sigmas[k])
+                t = torch.full((rows,), float(max(steps[k], 0)))
+                eps = sampling.guided_eps(denoiser, x_in, t, cond, uncond, cfg)
+                target = sampling.move(target, eps.float(), sigmas[k], sigmas[k + 1])
+        return distill.Pair(x, torch.full((clips,), start), torch.full((clips,), steps[-1]), target, cond, lane,
+                           frames)
+
+    teacher_of = [None]
+
+    def step(optimizer, params):
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=device != "cpu")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def iteration(modules, optimizers):
-        student, teacher = modules["student"], modules["teacher"]
+        # The order of training.loop.train_iteration: MSE backward per chunk; adversarial: D's pass over every
+        # chunk (student jump detached), D's step, then the student's jump again through the updated D.
+        student, teacher_of[0] = modules["student"], modules["teacher"]
         disc = modules.get("discriminator")
         resident = [m for k, m in modules.items() if k.startswith("base")]
-        for n_chunk, (lane, clips) in enumerate(chunks):
-            base = resident[lane % len(resident)]
-            rows = clips * frames
-            x = torch.randn(rows, 4, geometry.height, geometry.width)
-            cond = torch.randn(clips, tokens, context_dim)
-            uncond = torch.randn(clips, tokens, context_dim) if cfg != 1.0 else None
-            target = x
-            with torch.no_grad(), autocast():
-                denoiser = distill.denoiser_for(base, teacher)
-                for k in range(stage.n):
-                    if steps[k] < 0:
-                        break
-                    x_in = schedule.scale_model_input(target, sigmas[k])
-                    t = torch.full((rows,), float(max(steps[k], 0)))
-                    eps = sampling.guided_eps(denoiser, x_in, t, cond, uncond, cfg)
-                    target = sampling.move(target, eps.float(), sigmas[k], sigmas[k + 1])
-            pair = distill.Pair(x, torch.full((clips,), start), torch.full((clips,), steps[-1]), target, cond,
-                                lane, frames)
-            with autocast():
-                pair.student = distill.student_jump(base, student, pair).float()
-            scale = 1.0 / len(chunks)
-            if not adversarial:
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        scale = 1.0 / len(chunks)
+        if not adversarial:
+            for lane, clips in chunks:
+                base = resident[lane % len(resident)]
+                pair = draw(base, clips, lane)
                 with autocast():
-                    loss = distill.mse_loss(pair.student, pair.teacher) * scale
-                loss.backward()
-                continue
+                    pair.student = distill.student_jump(base, student, pair)
+                (distill.mse_loss(pair.student.float(), pair.teacher.float()) * scale).backward()
+            step(optimizers[0], trainable)
+            return
+        pairs = []
+        for lane, clips in chunks:
+            base = resident[lane % len(resident)]
+            pair = draw(base, clips, lane)
             with autocast():
-                real = distill.discriminate(disc, pair, pair.teacher, conditional)
-                fake = distill.discriminate(disc, pair, pair.student.detach(), conditional)
-                d_loss = distill.discriminator_loss(real.float(), fake.float()) * scale
-            d_loss.backward()
-            if n_chunk == len(chunks) - 1:
-                optimizers[1].step()
-                optimizers[1].zero_grad(set_to_none=True)
-            flags = [p.requires_grad for p in disc.parameters()]
-            disc.requires_grad_(False)
+                fake = distill.student_jump(base, student, pair).detach()
+                real_logits = distill.discriminate(disc, pair, pair.teacher, conditional)
+                fake_logits = distill.discriminate(disc, pair, fake, conditional)
+            (distill.discriminator_loss(real_logits.float(), fake_logits.float()) * scale).backward()
+            pairs.append((base, pair))
+        step(optimizers[1], [p for p in disc.parameters() if p.requires_grad])
+        flags = [p.requires_grad for p in disc.parameters()]
+        disc.requires_grad_(False)
+        for base, pair in pairs:
             with autocast():
-                g_loss = distill.generator_loss(distill.discriminate(disc, pair, pair.student, conditional).float())
-            (g_loss * scale).backward()
-            for p, flag in zip(disc.parameters(), flags):
-                p.requires_grad_(flag)
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad],
-                                           settings.grad_clip, foreach=device != "cpu")
-        optimizers[0].step()
-        optimizers[0].zero_grad(set_to_none=True)
+                pair.student = distill.student_jump(base, student, pair)
+                logits = distill.discriminate(disc, pair, pair.student, conditional)
+            (distill.generator_loss(logits.float()) * scale).backward()
+        for p, flag in zip(disc.parameters(), flags):
+            p.requires_grad_(flag)
+        step(optimizers[0], trainable)
 
     return iteration
 
