@@ -20,8 +20,10 @@ How it works (read top to bottom):
 Traced on real CPU tensors the same way, the tracker agreed with the CPU allocator's peak within 5%
 (``tests/test_memory.py`` checks 20% at three sizes, ``benchmarks/bench_memory_plan.py`` prints the ratio).
 
-The SD1.5 UNet traced is ComfyUI's when ``training.sd15_setup`` can build one (ComfyUI present), otherwise a
-shape-identical stand-in (:mod:`training.sd15_standin`); the plan's table says which.
+The SD1.5 UNet traced is a stand-in with SD1.5's exact parameters and block structure
+(:mod:`training.sd15_standin`), not ComfyUI's UNet the run trains (tracing that one needs the loop's
+``train_iteration`` on a ``training.sd15_setup`` Setup built with ``materialize=False``: the next step); the
+plan's table says so.
 
 Until the loop's ``train_iteration`` is wired in, the iteration traced is :func:`plan_iteration`, which keeps
 that function's order: per lane and micro-batch the teacher's n Euler steps (no gradients, with the stage's
@@ -655,18 +657,6 @@ def _free_device_bytes(device: str, settings: PlanSettings) -> int | None:
     return torch.cuda.mem_get_info(index)[0]
 
 
-def _comfy_parts(config):
-    """(build, note) from ``training.sd15_setup`` with ComfyUI present; None when unavailable (reason)."""
-    if config is None or importlib.util.find_spec("training.sd15_setup") is None:
-        return None, "training.sd15_setup is not available"
-    try:
-        from . import sd15_setup  # noqa: F401  (imports ComfyUI lazily itself)
-        setup = sd15_setup.build(config, materialize=False)
-    except (ImportError, LightningError, OSError) as exc:
-        return None, f"ComfyUI's UNet could not be built on meta ({exc})"
-    return setup, "ComfyUI's UNet (training.sd15_setup, meta device)"
-
-
 def _trace_phase(settings, geometry, phase_kind, device, standin) -> Trace:
     return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, standin))
 
@@ -793,19 +783,13 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
     if free_bytes is None:
         free_bytes = _free_device_bytes(device, settings)
         free_measured = free_bytes is not None
-    source_note = None
-    if standin is None and device != "cpu":
-        setup, source_note = _comfy_parts(config)
-        # The Setup from ComfyUI is built but the trace below still uses the stand-in until the loop's
-        # train_iteration (which takes a Setup) is merged; see the module docstring.
-        del setup
     plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, standin=standin,
                  free_measured=free_measured)
     spec = standin or StandIn()
     plan.model_source = ("stand-in SD1.5 UNet (training.sd15_standin: same parameters and block structure as "
                          "ComfyUI's)" if spec.full_size else f"stand-in UNet at reduced widths {spec.channels}")
-    if source_note:
-        plan.notes.append(f"not ComfyUI's UNet: {source_note}")
+    plan.notes.append("the UNet traced is the stand-in, not ComfyUI's: same parameters and blocks, activations "
+                      "may differ by a few per cent")
     if device == "cuda":
         plan.notes.append("traced on CPU fake tensors; CUDA kernels' scratch space is inside the allocator margin")
     if settings.optimizer == "adam8bit":

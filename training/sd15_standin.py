@@ -217,7 +217,15 @@ class StandInUNet(nn.Module):
 
     def _call(self, fn, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
+            # The recomputation must see the forward's autocast; re-entered explicitly, as CPU autocast was
+            # found missing there on fake tensors (bf16 + checkpointing failed with a dtype mismatch).
+            enabled, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+            def run(*inputs):
+                with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+                    return fn(*inputs)
+
+            return checkpoint(run, *args, use_reentrant=False)
         return fn(*args)
 
     def _middle(self, x, emb, context, motion, frames):
