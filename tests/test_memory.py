@@ -32,6 +32,7 @@ def test_standin_unet_has_sd15_keys_and_shapes():
     assert {k: tuple(v.shape) for k, v in unet.state_dict().items()} == sd15_unet_shapes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, geometry", [
     ("mse", memory.Geometry(2, 8, 8)),
     ("mse", memory.Geometry(4, 16, 16)),
@@ -48,6 +49,7 @@ def test_estimate_is_within_20_percent_of_the_real_cpu_peak(kind, geometry):
         assert traced.breakdown[part] > 0, part
 
 
+@pytest.mark.slow  # a dozen traces: minutes on two busy cores
 def test_plan_refuses_with_options_that_fit_when_re_estimated():
     settings = memory.PlanSettings(stage="2->1", mse_only=True, device="cuda", clips=2, micro_batch=2)
     geometry = memory.Geometry(4, 16, 16)
@@ -73,6 +75,7 @@ def test_plan_refuses_with_options_that_fit_when_re_estimated():
         assert again.fits and again.peak_bytes == option.peak_bytes, option
 
 
+@pytest.mark.slow  # one full-size trace in a fresh process
 def test_planning_the_full_size_model_allocates_no_real_weights():
     # SD1.5 UNet + motion module + teacher in fp32 would be about 6.9 GB; the trace runs in a fresh process so
     # its high-water RSS is the plan's own.
