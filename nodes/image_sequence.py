@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,11 @@ import numpy as np
 from ._core import core
 
 errors = core("errors")
+_frames = core("frames")  # natural order and image decoding, shared with the training dataset builder
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+IMAGE_SUFFIXES = _frames.IMAGE_SUFFIXES
+natural_key = _frames.natural_key
 
 
 def resolve_folder(folder: str, input_dir: str | os.PathLike) -> Path:
@@ -42,8 +39,7 @@ def frame_paths(folder: Path, start: int = 0, count: int = 0, every_nth: int = 1
     if start < 0 or count < 0 or every_nth < 1:
         raise errors.InvalidInputError(f"Load Image Sequence: start ({start}) and count ({count}) must be >= 0 and "
                                        f"every_nth ({every_nth}) >= 1")
-    files = sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
-                   key=lambda p: natural_key(p.name))
+    files = _frames.image_files(folder)
     chosen = files[start::every_nth]
     if count:
         chosen = chosen[:count]
@@ -60,23 +56,14 @@ def read_frames(paths: list[Path]) -> np.ndarray:
 
     frames, size = [], None
     for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            raise errors.InvalidInputError(f"Load Image Sequence: {path} is not a readable image")
-        scale = 65535.0 if image.dtype == np.uint16 else 255.0
-        if image.ndim == 2:
-            image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-        elif image.shape[2] == 4:
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-        else:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        image = _frames.read_image(path, who="Load Image Sequence")
         if size is None:
             size = (image.shape[1], image.shape[0])
         elif (image.shape[1], image.shape[0]) != size:
             log.warning("[AnimateDiff-Lightning] %s is %dx%d, resized to the first frame's %dx%d", path.name,
                         image.shape[1], image.shape[0], *size)
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        frames.append(image.astype(np.float32) / scale)
+        frames.append(image)
     return np.stack(frames)
 
 
