@@ -23,23 +23,20 @@ import datetime
 import gc
 import json
 import logging
-import math
-import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import comfy.model_management
 import comfy.utils
 import folder_paths
 from comfy_api.v0_0_2 import io
 
-from . import folders, training_specs as tspecs
+from . import folders, training_runs as runs, training_specs as tspecs
 from ._core import core
 from ._training_imports import training
 from .comfy_schema import build_schema
@@ -54,8 +51,6 @@ log = logging.getLogger(__name__)
 RUNS_FOLDER = "adlightning_runs"
 DATASETS_FOLDER = "adlightning_datasets"
 EVENT = "adl.training"
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-_RUN_FOLDER = re.compile(r"^(?P<name>.+)-(?P<stamp>\d{8}-\d{6})(?:-\d+)?$")
 
 
 # --- folders ---------------------------------------------------------------------------------------------
@@ -68,37 +63,12 @@ def datasets_root() -> Path:
     return Path(folder_paths.models_dir) / DATASETS_FOLDER
 
 
-def run_folders(root: Path | None = None) -> list[str]:
-    """Run folder names (``<name>-<YYYYmmdd-HHMMSS>``), newest first."""
-    root = root or runs_root()
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _RUN_FOLDER.match(p.name) and (p / "config.toml").is_file()]
-    return [p.name for p in sorted(found, key=lambda p: (_RUN_FOLDER.match(p.name)["stamp"], p.name), reverse=True)]
+def run_folders() -> list[str]:
+    return runs.run_folders(runs_root())
 
 
-def run_path(folder: str, root: Path | None = None) -> Path:
-    """The run folder of a name from the list, refusing anything that is not one (no paths, no ``..``)."""
-    root = (root or runs_root()).resolve()
-    if not isinstance(folder, str) or "/" in folder or "\\" in folder or not _RUN_FOLDER.match(folder):
-        raise errors.InvalidInputError(f"{folder!r} is not a run folder name")
-    path = (root / folder).resolve()
-    if path.parent != root or not (path / "config.toml").is_file():
-        raise errors.InvalidInputError(f"no run folder {folder!r} in {root}")
-    return path
-
-
-def _has_discriminator(path: Path) -> bool:
-    from safetensors import safe_open
-
-    states = sorted((path / "state").glob("iter-*.safetensors"))
-    if not states:
-        return False
-    try:
-        with safe_open(str(states[-1]), "pt") as handle:
-            return any(k.startswith("discriminator.") for k in handle.keys())
-    except Exception:
-        return False
+def run_path(folder: str) -> Path:
+    return runs.run_path(folder, runs_root())
 
 
 def resolve_options(key: str) -> list[str]:
@@ -107,7 +77,7 @@ def resolve_options(key: str) -> list[str]:
     if key == tspecs.OPTIONS_RESUME:
         return ["new", "latest", *run_folders()]
     if key == tspecs.OPTIONS_RUNS_WITH_D:
-        return [name for name in run_folders() if _has_discriminator(runs_root() / name)]
+        return [name for name in run_folders() if runs.has_discriminator(runs_root() / name)]
     raise KeyError(key)
 
 
@@ -170,12 +140,7 @@ def _dataset_bases(chain: BasesChain):
     return [dataset.Base(Path(b.name).stem, dataset.fingerprint_file(b.path)) for b in chain.bases]
 
 
-def _check_name(name: str, what: str) -> str:
-    name = (name or "").strip()
-    if not _RUN_NAME.match(name):
-        raise errors.InvalidInputError(f"{what} {name!r}: use letters, digits, '_', '-' or '.', starting with a "
-                                       "letter or digit (it becomes a folder name)")
-    return name
+_check_name = runs.check_name
 
 
 def _cancel_point() -> None:
@@ -191,7 +156,7 @@ class TrainingDataset(io.ComfyNode):
     def fingerprint_inputs(cls, **kwargs):
         # the cache on disk is part of the result: a deleted or extended folder must be looked at again
         name = kwargs.get("name")
-        if isinstance(name, str) and _RUN_NAME.match(name.strip() or "-"):
+        if isinstance(name, str) and runs.RUN_NAME.match(name.strip() or "-"):
             manifest = datasets_root() / name.strip() / "manifest.json"
             with contextlib.suppress(OSError):
                 stat = manifest.stat()
@@ -287,7 +252,7 @@ def _precision(choice: str, device: str) -> str:
 def build_config(*, teacher_path: str, bases: BasesChain, dataset: DatasetRef, stage: str, iterations: int,
                  run_name: str, seed: int, learning_rate: float, clips: int, precision: str,
                  gradient_checkpointing: bool, discriminator: str, resident_bases: str, save_every: int,
-                 validate_every: int, validation_prompts: str, device: str):
+                 validate_every: int, validation_prompts: str, device: str, mse_only: bool = False):
     config_module = training("config")
     config = config_module.Config()
     config.run.name = run_name
@@ -305,6 +270,7 @@ def build_config(*, teacher_path: str, bases: BasesChain, dataset: DatasetRef, s
     config.stage.lr = float(learning_rate)
     config.stage.clips = int(clips)
     config.stage.micro_batch = 1
+    config.stage.mse_only = bool(mse_only)
     config.discriminator.trainable = discriminator
     config.discriminator.gradient_checkpointing = bool(gradient_checkpointing)
     config.data.dataset = dataset.path
@@ -361,7 +327,7 @@ def _pick_run(resume: str, run_name: str) -> Path | None:
         return None
     if resume == "latest":
         for folder in run_folders():
-            match = _RUN_FOLDER.match(folder)
+            match = runs.RUN_FOLDER.match(folder)
             if match["name"] == run_name and any((runs_root() / folder / "state").glob("iter-*.safetensors")):
                 return runs_root() / folder
         log.info("[AnimateDiff-Lightning] resume = latest: no saved run named %s yet; starting a new one", run_name)
@@ -404,57 +370,8 @@ def latest_validation(run_dir) -> np.ndarray | None:
     return _read_png(grids[-1]) if grids else None
 
 
-FIGURES = ("mse", "d", "g", "accuracy", "preference")
-
-
-def curves_image(records: list[dict], width: int = 768, height: int = 480) -> np.ndarray:
-    """Loss (MSE, or D and G), D accuracy and preference over iterations, as an RGB array (PIL drawing)."""
-    rows = [r for r in records if "event" not in r and any(k in r for k in FIGURES)]
-    panels = [("loss", ("mse", "d", "g")), ("D accuracy", ("accuracy",)), ("D preference", ("preference",))]
-    colours = {"mse": (90, 170, 255), "d": (255, 120, 90), "g": (120, 220, 120), "accuracy": (255, 200, 80),
-               "preference": (200, 140, 255)}
-    image = Image.new("RGB", (width, height), (24, 24, 28))
-    draw = ImageDraw.Draw(image)
-    panel_h = height // len(panels)
-    xs = [r["iteration"] for r in rows]
-    x_lo, x_hi = (min(xs), max(xs)) if xs else (0, 1)
-    for p, (title, keys) in enumerate(panels):
-        top, left, right, bottom = p * panel_h + 18, 48, width - 12, (p + 1) * panel_h - 8
-        draw.rectangle([left, top, right, bottom], outline=(80, 80, 90))
-        values = [r[k] for r in rows for k in keys if k in r and math.isfinite(r[k])]
-        if title != "loss":
-            lo, hi = 0.0, 1.0
-            mid = top + (bottom - top) // 2
-            draw.line([left, mid, right, mid], fill=(60, 60, 70))  # chance
-        else:
-            lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-            if hi - lo < 1e-12:
-                lo, hi = lo - 0.5, hi + 0.5
-        draw.text((left, top - 15), title + "  " + "  ".join(k for k in keys if any(k in r for r in rows)),
-                  fill=(220, 220, 220))
-        draw.text((4, top), f"{hi:.3g}", fill=(160, 160, 160))
-        draw.text((4, bottom - 10), f"{lo:.3g}", fill=(160, 160, 160))
-        for k in keys:
-            pts = [(r["iteration"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
-            xy = [(left + (right - left) * ((x - x_lo) / max(x_hi - x_lo, 1)),
-                   bottom - (bottom - top) * ((y - lo) / (hi - lo))) for x, y in pts]
-            if len(xy) > 1:
-                draw.line(xy, fill=colours[k], width=2)
-            for x, y in xy:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[k])
-    if not rows:
-        draw.text((width // 2 - 60, height // 2), "no iterations yet", fill=(200, 200, 200))
-    return np.asarray(image)
-
-
 def _as_image_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32) / 255.0)[None]
-
-
-def _no_validation_image() -> np.ndarray:
-    image = Image.new("RGB", (256, 64), (24, 24, 28))
-    ImageDraw.Draw(image).text((8, 24), "no validation yet (validate_every)", fill=(200, 200, 200))
-    return np.asarray(image)
 
 
 def _advice(error: BaseException) -> str:
@@ -479,7 +396,7 @@ class DistillStage(io.ComfyNode):
     def execute(cls, teacher, bases, dataset, stage, iterations, run_name, resume, seed, learning_rate=0.0, clips=1,
                 precision="auto", gradient_checkpointing=True, discriminator="full", resident_bases="auto",
                 save_every=50, validate_every=100, validation_prompts="a cat walking on a wall",
-                memory_budget_gb=0.0):
+                mse_only=False, memory_budget_gb=0.0):
         node_id = str(cls.hidden.unique_id) if cls.hidden is not None else None
         run_name = _check_name(run_name, "Distill Stage: run_name")
         if not isinstance(teacher, MotionModuleHandle):
@@ -490,7 +407,8 @@ class DistillStage(io.ComfyNode):
                 stage=stage, iterations=iterations, run_name=run_name, seed=seed, learning_rate=learning_rate,
                 clips=clips, precision=precision, gradient_checkpointing=gradient_checkpointing,
                 discriminator=discriminator, resident_bases=resident_bases, save_every=save_every,
-                validate_every=validate_every, validation_prompts=validation_prompts, device=device),
+                validate_every=validate_every, validation_prompts=validation_prompts, device=device,
+                mse_only=mse_only),
                 resume, float(memory_budget_gb))
         student_path, run_dir = result
         dtype = comfy.model_management.unet_dtype()
@@ -499,8 +417,8 @@ class DistillStage(io.ComfyNode):
         module_set.requires_grad_(False)
         handle = MotionModuleHandle(motion_patcher(module_set), module_set.info, str(student_path))
         validation = latest_validation(run_dir)
-        validation = validation if validation is not None else _no_validation_image()
-        curves = curves_image(run_dir.records())
+        validation = validation if validation is not None else runs.no_validation_image()
+        curves = runs.curves_image(run_dir.records())
         return io.NodeOutput(handle, _as_image_tensor(validation), _as_image_tensor(curves),
                              ui={"adl_run": [run_dir.path.name], "adl_student": [Path(student_path).name]})
 
@@ -646,22 +564,6 @@ def _run_stage(node_id, teacher: MotionModuleHandle, bases: BasesChain, dataset:
 
 # --- the log route for the widget ----------------------------------------------------------------------------
 
-def log_payload(run: str | None, run_name: str | None, root: Path | None = None) -> dict:
-    """What the widget reads after a page reload: the records of a run folder (by folder, or the newest of a
-    run name)."""
-    root = root or runs_root()
-    if run:
-        path = run_path(run, root)
-    else:
-        name = _check_name(run_name or "", "run_name")
-        folder = next((f for f in run_folders(root) if _RUN_FOLDER.match(f)["name"] == name), None)
-        if folder is None:
-            return {"run": None, "records": []}
-        path = root / folder
-    run_dir = training("run_dir").RunDir(path)
-    return {"run": path.name, "records": run_dir.records()}
-
-
 def register_routes() -> None:
     try:
         from aiohttp import web
@@ -673,7 +575,7 @@ def register_routes() -> None:
     @routes.get("/adlightning/training/log")
     async def training_log(request):
         try:
-            payload = log_payload(request.query.get("run"), request.query.get("run_name"))
+            payload = runs.log_payload(request.query.get("run"), request.query.get("run_name"), runs_root())
         except errors.InvalidInputError as error:
             return web.json_response({"error": str(error)}, status=400)
         return web.json_response(payload)

@@ -163,6 +163,10 @@ DISTILL_STAGE = NodeSpec(
                    "at the end of the run."),
         In("validation_prompts", "STRING", default="a cat walking on a wall", optional=True,
            tooltip="One prompt per line, sampled on every base at validation."),
+        In("mse_only", "BOOLEAN", default=False, optional=True, advanced=True,
+           tooltip="Ablation: train adversarial stages with the MSE against the teacher's jump only (no "
+                   "discriminator; both phases' iterations as one MSE phase). Cheaper, and blurrier at 2 and 1 "
+                   "steps."),
         In("memory_budget_gb", "FLOAT", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True, advanced=True,
            tooltip="0: the device's free memory. Otherwise the plan must fit in this many GB (to leave room for "
                    "other programs)."),
@@ -193,7 +197,7 @@ DISCRIMINATOR_PREVIEW = NodeSpec(
         In("model", "MODEL", tooltip="An SD1.5 MODEL with the student applied (Apply Motion Module)."),
         In("positive", "CONDITIONING", tooltip="The prompt to sample."),
         In("latent_image", "LATENT", tooltip="Empty latents, one per frame (the run's frame count)."),
-        In("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed."),
+        In("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Noise seed of the sampling (the same seed as the Lightning Sampler gives the same start)."),
         In("steps", "INT", default=0, min=0, max=32, step=1,
            tooltip="Lightning steps; 0 uses the run's student step count."),
         In("base_index", "INT", default=0, min=0, max=63, step=1, optional=True,
