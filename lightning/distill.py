@@ -71,7 +71,7 @@ class Phase:
     iterations: int
     lr: float
     betas: tuple[float, float]
-    clips: int | None = None  # clips per lane per iteration; None: run_stage's default
+    clips: int | None = None  # clips per lane per iteration; None: the loop's default (training.loop)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))  # Adam refuses mixed types

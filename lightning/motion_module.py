@@ -191,9 +191,11 @@ class TemporalTransformer(nn.Module):
         clips, pixels = batch_frames // frames, height * width
         body = self.temporal_transformer
         block = body.transformer_blocks[0]
-        # In-place tricks save whole passes over memory but would break autograd's saved tensors.
+        # In-place tricks save whole passes over memory but would break autograd's saved tensors; under
+        # autocast (training in bf16/fp16) the in-place GEMMs would mix the autocast and the weight dtypes.
         inplace = not (torch.is_grad_enabled()
-                       and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+                       and (x.requires_grad or any(p.requires_grad for p in self.parameters()))) \
+            and not _autocast_enabled(x.device.type)
         input_dtype = x.dtype
         x = x.to(body.proj_in.weight.dtype)  # e.g. fp32 activations reaching an fp16 module
 
@@ -277,6 +279,13 @@ class TemporalTransformer(nn.Module):
         # GEGLU: value ⊙ gelu(gate); without autograd the product overwrites the gelu output.
         activated = F.gelu(gate).mul_(value) if inplace else value * F.gelu(gate)
         return _add_linear(h, activated, down.weight, down.bias, inplace)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no per-device form
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _add_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

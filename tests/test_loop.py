@@ -387,3 +387,29 @@ def test_light_discriminator_trains_only_head_embeddings_and_motion():
     assert all(not n.startswith("head.") for n in frozen)
     loop.set_discriminator_trainable(disc, "full")
     assert all(p.requires_grad for p in disc.parameters())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths_keep_float32_master_weights(precision):
+    """The GPU's autocast + GradScaler path, run on the CPU's autocast (a CUDA run takes the same code)."""
+    from lightning.toy import demo
+
+    world, bases, lanes, student = demo.build(demo.DemoConfig(seen_styles=(0,), held_out_styles=()))
+    stage = distill.Stage(8, 4, (distill.mse_phase(1, 1e-2), distill.adversarial_phase("conditional", 1, 1e-3)))
+    placement = Placement("cpu")
+    assert placement.precision == "fp32"  # a CPU run is the float32 reference ...
+    placement.precision = precision  # ... so the autocast path is forced here
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4) if precision == "fp16" else None
+    before = copy.deepcopy(student)
+    disc = demo.discriminator_factory(world, bases, world.config.styles)(True)
+    for phase in stage.phases:
+        figures = loop.train_iteration(
+            stage, phase, lanes, student, distill.frozen_copy(before), loop.make_optimizer(student.parameters(), phase),
+            generator=torch.Generator().manual_seed(0), clips=2, placement=placement, scaler=scaler, grad_clip=1.0,
+            discriminator=disc if phase.adversarial else None,
+            disc_optimizer=loop.make_optimizer(disc.parameters(), phase) if phase.adversarial else None)
+        if scaler is not None:
+            scaler.update()
+        assert all(torch.isfinite(v) for v in figures.values()), figures
+    assert all(p.dtype == torch.float32 for p in list(student.parameters()) + list(disc.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), before.parameters()))

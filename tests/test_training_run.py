@@ -153,6 +153,7 @@ def final_state(run: Path):
     return read_state(sorted((run / "state").glob("iter-*.safetensors"))[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mse", "adversarial"])
 def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, capsys, kind):
     overrides = sets(TINY + STAGES[kind])
@@ -193,3 +194,63 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(tmp_path, c
     assert run_cli(["resume", str(killed)]) == 2
     err = capsys.readouterr().err
     assert "stage.clips changed from 2 to 4" in err
+
+
+def test_an_error_inside_an_iteration_saves_the_last_whole_state_and_resume_stays_exact(tmp_path):
+    """Out of memory while drawing iteration 2 (before any optimiser step): the state after iteration 1 is
+    saved with the random states of that moment, and a resume from it ends where a run without the error ends."""
+    from training import toy_setup
+    from training.loop import Trainer, pinned_threads
+    from training.run_dir import RunDir, restore_state
+
+    config = cfg.load(TOY, ["model.bases=[0]", "stage.clips=1", "stage.micro_batch=1", "stage.iterations=2", "run.threads=1",
+                            "checkpoint.every=0", "validation.every=0"])
+
+    def trainer(folder, fail_on_call=None, resume=False):
+        cli._seed_everything(config.run.seed)
+        setup = toy_setup.build(config)
+        lane = setup.lanes[0]
+        draw, calls = lane.data, []
+
+        def data(n, generator):
+            calls.append(n)
+            if len(calls) == fail_on_call:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return draw(n, generator)
+
+        lane.data = data
+        run = RunDir.open(folder) if resume else RunDir.create(config, folder)
+        return Trainer(setup, config, run_dir=run), run
+
+    with pinned_threads(1):
+        reference, _ = trainer(tmp_path / "reference")
+        reference.run()
+        failing, run = trainer(tmp_path / "failing", fail_on_call=2)
+        with pytest.raises(torch.OutOfMemoryError):
+            failing.run()
+        assert [p.name for p in run.state_files()] == ["iter-00000001.safetensors"]
+        resumed, run = trainer(tmp_path / "failing", resume=True)
+        restore_state(resumed, run.latest_state())
+        resumed.run()
+    (want, _), (got, _) = final_state(tmp_path / "reference"), final_state(tmp_path / "failing")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_sigterm_saves_after_the_current_iteration_and_says_how_to_resume(tmp_path):
+    script = KILLER.replace("signal.SIGKILL", "signal.SIGTERM")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", script, "1", "run", str(TOY), "--run-dir", str(run)]
+                          + sets(TINY + STAGES["mse"]), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == cli.EXIT_INTERRUPTED, proc.stderr
+    assert "SIGTERM" in proc.stderr and f"python -m training resume {run}" in proc.stderr
+    _, meta = read_state(run / "state" / "iter-00000001.safetensors")
+    assert meta["iteration"] == 1 and (run / "students" / "toy_8step.safetensors").is_file()
+
+
+def test_toy_setup_on_meta_reads_and_allocates_nothing():
+    from training import toy_setup
+
+    setup = toy_setup.build(cfg.load(TOY, ["model.bases=[0, 2]"]), materialize=False)
+    assert [lane.index for lane in setup.lanes] == [0, 2]
+    modules = [setup.student, setup.make_discriminator(True)] + [lane.base for lane in setup.lanes]
+    assert all(t.is_meta for m in modules for t in list(m.parameters()) + list(m.buffers()))

@@ -32,19 +32,20 @@ from .config import Config, ConfigError
 EXIT_INTERRUPTED = 130
 
 
+def setup_builder(config: Config):
+    """The module whose ``build(config, materialize=True)`` makes the run's Setup (imported lazily)."""
+    name = {"toy": "training.toy_setup", "sd15": "training.sd15_setup"}[config.model.kind]
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise LightningError(f"model.kind = {config.model.kind!r} needs {name}, which could not be imported "
+                             f"({error}); SD1.5 runs on ComfyUI's model code: install this pack inside ComfyUI's "
+                             "custom_nodes or set COMFYUI_PATH") from None
+
+
 def build_setup(config: Config, *, materialize: bool = True):
     """The :class:`~training.loop.Setup` for ``config.model.kind`` (toy here; sd15 through ComfyUI)."""
-    if config.model.kind == "toy":
-        from . import toy_setup
-
-        return toy_setup.build(config, materialize=materialize)
-    try:
-        sd15_setup = importlib.import_module("training.sd15_setup")
-    except ImportError as error:
-        raise LightningError(f"model.kind = \"sd15\" needs training.sd15_setup, which could not be imported "
-                             f"({error}); it runs SD1.5 on ComfyUI's model code: install this pack inside "
-                             "ComfyUI's custom_nodes or set COMFYUI_PATH") from None
-    return sd15_setup.build(config, materialize=materialize)
+    return setup_builder(config).build(config, materialize=materialize)
 
 
 class Progress:
@@ -57,11 +58,10 @@ class Progress:
         self.started = time.perf_counter()
 
     def __call__(self, record: dict) -> None:
+        self.count = getattr(self, "count", 0) + 1
         done = record["iteration"]
         figures = " ".join(f"{k}={record[k]:.4g}" for k in ("mse", "d", "g", "accuracy", "preference") if k in record)
-        rate = (time.perf_counter() - self.started) / max(done - self.first, 1) if hasattr(self, "first") else 0.0
-        if not hasattr(self, "first"):
-            self.first = done - 1
+        rate = (time.perf_counter() - self.started) / self.count
         width = 24
         filled = int(width * done / max(self.total, 1))
         bar = "#" * filled + "-" * (width - filled)
@@ -119,7 +119,7 @@ def _train(config: Config, run_dir, *, state=None, handle_signals: bool, hooks=(
             print(f"{stop}; continue with: python -m training resume {os.fspath(run_dir.path)}",
                   file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, also on older releases
             print("out of device memory. Lower stage.clips or stage.micro_batch, or set "
                   "model.gradient_checkpointing=true, discriminator.gradient_checkpointing=true, "
                   "model.resident_bases=one, run.precision=bf16, discriminator.trainable=light; "
@@ -141,6 +141,7 @@ def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
     if args.seed is not None:
         overrides.append(f"run.seed={args.seed}")
     config = config_module.load(args.config, overrides)
+    setup_builder(config)  # fail before a run folder exists
     run_dir = RunDir.create(config, args.run_dir)
     return _train(config, run_dir, handle_signals=handle_signals, hooks=hooks)
 

@@ -13,12 +13,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 from lightning.errors import InvalidInputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
 
 STAGES = ("128->32", "32->8", "8->4", "4->2", "2->1")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -217,8 +224,14 @@ def _set(config: Config, key: str, value: Any, source: str = "--set") -> None:
     setattr(getattr(config, section), name, _checked(key, value, _HINTS[section][name], source))
 
 
+def _need_toml() -> None:
+    if tomllib is None:
+        raise ConfigError("reading TOML configs needs Python 3.11 or newer (tomllib), or `pip install tomli`")
+
+
 def parse_value(text: str) -> Any:
     """A ``--set`` value: TOML syntax (``3``, ``1e-5``, ``true``, ``[0, 1]``, ``"x"``), else the bare string."""
+    _need_toml()
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -238,6 +251,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
 
 def load(path, overrides: list[str] | None = None) -> Config:
     """Read a TOML config (missing keys take their defaults) and apply ``overrides``."""
+    _need_toml()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -303,8 +317,3 @@ def resume_conflicts(saved: Config, new: Config, *, completed_iterations: int = 
                         f"not continue the same run (set it back, or start a new run)")
     return problems
 
-
-def paper_lr(kind_is_mse: bool) -> float:
-    from lightning import distill
-
-    return distill.PAPER_MSE_LR if kind_is_mse else distill.PAPER_ADVERSARIAL_LR

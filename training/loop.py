@@ -344,6 +344,7 @@ class Trainer:
         self.history: list[dict] = []
         self.stop_requested = False
         self._prepared = False
+        self._in_iteration = False
 
     # -- pieces hooks and the run folder read ----------------------------------------------------------
 
@@ -432,22 +433,25 @@ class Trainer:
     def run(self, *, progress: Callable[[dict], None] | None = None) -> None:
         """Run (or continue) the stage to its end; saves state on a signal, an error and at the end."""
         self.prepare()
+        snapshot, steps_before = None, 0.0
         try:
             while not self.finished:
                 phase = self.phase
                 while self.step < phase.iterations:
-                    snapshot = capture_rng(self.generator)
-                    steps_before = self._optimizer_steps()
-                    try:
-                        record = self.run_iteration()
-                    except BaseException as error:
-                        self._save_after_error(error, snapshot, steps_before)
-                        raise
+                    snapshot, steps_before = capture_rng(self.generator), self._optimizer_steps()
+                    self._in_iteration = True
+                    record = self.run_iteration()
+                    self._in_iteration = False
                     self._after_iteration(record, progress)
                     if self.stop_requested:
                         self.save("signal")
                         raise Interrupted(f"stopped after iteration {self.iteration}; state saved")
                 self.end_phase()
+        except Interrupted:
+            raise
+        except BaseException as error:
+            self._save_after_error(error, snapshot, steps_before)
+            raise
         finally:
             set_gradient_checkpointing(self.student, False)
         self.student.eval()
@@ -475,19 +479,25 @@ class Trainer:
         return sum(float(state["step"]) for o in (self.optimizer, self.disc_optimizer) if o is not None
                    for state in o.state.values() if "step" in state)
 
-    def _save_after_error(self, error: BaseException, snapshot: dict, steps_before: int) -> None:
-        """On an error inside an iteration: if no optimiser stepped yet, the weights are those after the last
-        complete iteration, so put the random states back and save; otherwise keep the last checkpoint."""
-        if self.run_dir is None or isinstance(error, Interrupted):
+    def _save_after_error(self, error: BaseException, snapshot: dict | None, steps_before: float) -> None:
+        """Save what is consistent when an error stops the run (out of memory, a failing hook, Ctrl-C twice).
+
+        Between iterations the state is whole. Inside one, if no optimiser has stepped yet, the weights are
+        still those after the last whole iteration: the random states are put back to where that iteration
+        began and the state is saved as if it had never started. After a step (D updated, the student not
+        yet) nothing consistent exists; the last checkpoint stays.
+        """
+        if self.run_dir is None:
             return
-        if self._optimizer_steps() != steps_before:
-            log.error("the error came after an optimiser step of iteration %d; not saving a half iteration "
-                      "(the last checkpoint stays)", self.iteration + 1)
-            return
-        restore_rng(snapshot, self.generator)
+        if self._in_iteration:
+            if self._optimizer_steps() != steps_before:
+                log.error("the error came after an optimiser step of iteration %d; not saving half an iteration "
+                          "(the last checkpoint stays)", self.iteration + 1)
+                return
+            restore_rng(snapshot, self.generator)
         try:
             path = self.save("error")
-            log.error("saved the state after iteration %d to %s before the error", self.iteration, path)
+            log.error("saved the state after iteration %d to %s before stopping on the error", self.iteration, path)
         except Exception as save_error:  # the original error matters more
             log.error("could not save the state after the error: %s", save_error)
 

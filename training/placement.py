@@ -123,4 +123,6 @@ class Placement:
         """A GradScaler for fp16 (its step reads the found-inf flag back: a host sync), else None."""
         if not self.needs_scaler:
             return None
-        return torch.amp.GradScaler(self.device.type)
+        if hasattr(torch.amp, "GradScaler"):
+            return torch.amp.GradScaler(self.device.type)
+        return torch.cuda.amp.GradScaler()  # torch < 2.3
