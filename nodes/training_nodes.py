@@ -81,8 +81,15 @@ def resolve_options(key: str) -> list[str]:
     raise KeyError(key)
 
 
+MULTILINE = ("prompts", "validation_prompts")
+
+
 def _schema(spec) -> io.Schema:
-    return build_schema(spec, resolve_options)
+    schema = build_schema(spec, resolve_options)
+    for item in schema.inputs:
+        if getattr(item, "id", None) in MULTILINE and hasattr(item, "multiline"):
+            item.multiline = True  # one prompt per line
+    return schema
 
 
 # --- bases -----------------------------------------------------------------------------------------------
@@ -519,7 +526,10 @@ def _run_stage(node_id, teacher: MotionModuleHandle, bases: BasesChain, dataset:
             trainer.run(progress=progress)
         except comfy.model_management.InterruptProcessingException:
             if trainer is not None and trainer._prepared:
-                path = trainer.save("cancel")
+                # the trainer saves a state when anything stops it between iterations; save only if it did not
+                path = trainer.run_dir.latest_state()
+                if path is None or path.name != f"iter-{trainer.iteration:08d}.safetensors":
+                    path = trainer.save("cancel")
                 log.warning("[AnimateDiff-Lightning] cancelled after iteration %d; state saved to %s; queue again "
                             "with resume = latest to continue", trainer.iteration, path)
                 _send(EVENT, {"node": node_id, "run": run_dir.path.name, "event": "cancelled",
