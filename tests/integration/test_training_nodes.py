@@ -6,13 +6,19 @@ iteration leaves a complete state that ``resume = latest`` finishes bit for bit 
 the live messages carry the iteration's figures; failures (non-SD1.5 base, empty video folder, a video
 without caption, a refused memory plan) give a clear message and the server keeps serving; the widget's log
 route refuses paths; the discriminator preview gives a probability in [0, 1] per jump.
+
+Training full-size SD1.5 on a CPU is slow: ``ADL_TRAINING_DATASET_CACHE`` may name a copy of an
+``itest_teacher`` dataset folder made by an earlier run of these tests, which the server then starts with
+(the dataset node finds every clip cached, exactly as a user's second queue does).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import urllib.error
 import uuid
 from pathlib import Path
 
@@ -48,12 +54,48 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_training")
     comfy = ComfyServer(comfyui_path(), base, extra_custom_nodes=extra, models=models)
     (base / "input" / "empty_videos").mkdir(parents=True, exist_ok=True)
+    cached = os.environ.get("ADL_TRAINING_DATASET_CACHE")
+    if cached and Path(cached).is_dir():
+        shutil.copytree(cached, base / "models" / "adlightning_datasets" / DATASET)
     comfy.start()
     listener = Listener("127.0.0.1", comfy.port, uuid.uuid4().hex)
     comfy.listener = listener
     yield comfy
     listener.close()
     comfy.stop()
+
+
+def wait(server, prompt_id: str, timeout: float = 5400) -> dict:
+    """The history entry of a finished prompt; a busy server (training holds the CPU) may answer slowly."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            history = server.get(f"/history/{prompt_id}")
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError):
+            history = {}
+        entry = history.get(prompt_id)
+        if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
+            return entry
+        assert server.alive(), f"ComfyUI died; log:\n{server.log()[-3000:]}"
+        time.sleep(2)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f}s")
+
+
+def run(server, graph: dict, timeout: float = 5400):
+    entry = wait(server, server.submit(graph), timeout)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    return entry
+
+
+def run_error(server, graph: dict, timeout: float = 5400) -> dict:
+    entry = wait(server, server.submit(graph), timeout)
+    assert entry["status"]["status_str"] == "error", entry["outputs"]
+    return next(data for kind, data in entry["status"]["messages"] if kind == "execution_error")
+
+
+def latent(server, entry: dict, node: str) -> torch.Tensor:
+    item = entry["outputs"][node]["latents"][0]
+    return load_file(str(server.output_file(item)))["latent_tensor"]
 
 
 def training_graph(run_name: str, *, iterations: int, stage: str = "8->4", resume: str = "new",
@@ -99,99 +141,6 @@ def sample_graph(model_source: dict, key: str) -> dict:
     return graph
 
 
-def test_quickstart_writes_a_student_that_loads_and_samples(server):
-    start = len(server.listener.messages)
-    graph = training_graph("quick", iterations=1, validate_every=2)
-    # the student straight from the stage node, through Apply Motion Module
-    graph.update({k: v for k, v in sample_graph({}, "apply").items() if k not in graph})
-    graph["apply"] = {"class_type": "ADL_ApplyMotionModule", "inputs": {"model": ["ckpt", 0],
-                                                                         "motion_module": ["stage", 0]}}
-    started = time.time()
-    result = server.run(graph, timeout=3600)
-    print(f"quickstart (dataset + 2 iterations of 8->4 + sampling): {time.time() - started:.0f} s")
-    path = student_file(server, "quick", 4)
-    assert path.is_file()
-    weights = load_file(str(path))
-    assert weights and all(torch.isfinite(v).all() for v in weights.values())
-    sampled = server.latent(result, "save")
-    assert sampled.shape == (8, 4, 8, 8) and torch.isfinite(sampled).all()
-    # outputs: validation frames and curves as images in the ui, the run folder name
-    ui = result.outputs["stage"]
-    run = ui["adl_run"][0]
-    assert run.startswith("quick-")
-    # live messages: one per iteration with its figures, validation, checkpoint, done
-    messages = [m["data"] for m in server.listener.messages[start:] if m.get("type") == "adl.training"]
-    iterations = [m["record"] for m in messages if m["event"] == "iteration"]
-    print("live iteration messages:", json.dumps(iterations))
-    assert [r["iteration"] for r in iterations] == [1, 2]
-    assert all(k in r for r in iterations for k in ("d", "g", "accuracy", "preference", "seconds"))
-    assert {m["event"] for m in messages} >= {"start", "iteration", "validation", "checkpoint", "done"}
-    assert all(m["node"] == "stage" and m["run"] == run for m in messages)
-    # the widget's log route serves the run's records after a reload, and refuses paths
-    log = server.get(f"/adlightning/training/log?run={run}")
-    assert [r["iteration"] for r in log["records"] if "event" not in r] == [1, 2]
-    assert server.get("/adlightning/training/log?run_name=quick")["run"] == run
-    for bad in ("../../etc", "quick-20260101-000000/..", "%2e%2e"):
-        try:
-            server.get(f"/adlightning/training/log?run={bad}")
-            raise AssertionError(f"{bad} was served")
-        except Exception as error:  # urllib raises HTTPError 400
-            assert "400" in str(error), error
-    # the student loads in our loader from animatediff_models and samples
-    ours = sample_graph({"mm": {"class_type": "ADL_LoadMotionModule", "inputs": {"name": path.name}},
-                         "apply": {"class_type": "ADL_ApplyMotionModule",
-                                   "inputs": {"model": ["ckpt", 0], "motion_module": ["mm", 0]}}}, "apply")
-    ours_latent = server.latent(server.run(ours), "save")
-    assert torch.isfinite(ours_latent).all()
-    if "ADE_AnimateDiffLoaderGen1" in server.object_info():
-        theirs = sample_graph({"ade": {"class_type": "ADE_AnimateDiffLoaderGen1", "inputs": {
-            "model": ["ckpt", 0], "model_name": path.name, "beta_schedule": "sqrt_linear (AnimateDiff)"}}}, "ade")
-        theirs_latent = server.latent(server.run(theirs), "save")
-        difference = float((ours_latent - theirs_latent).abs().max() / theirs_latent.abs().max())
-        print(f"student sampled by ours vs Evolved: max rel difference {difference:.3g}")
-        assert difference < 1e-3
-
-
-def _wait_iteration(server, start: int, run_name: str, iteration: int, timeout: float = 1800) -> None:
-    server.listener.wait_for(lambda m: m.get("type") == "adl.training" and m["data"]["event"] == "iteration"
-                             and m["data"]["run"].startswith(run_name + "-")
-                             and m["data"]["record"]["iteration"] == iteration
-                             and m in server.listener.messages[start:], timeout)
-
-
-# 8->4 with mse_only: one MSE phase of 2 x 2 = 4 iterations (the cheapest phase on a CPU: 2 teacher steps)
-CUT = dict(iterations=2, stage="8->4", mse_only=True)
-
-
-def test_interrupt_then_resume_latest_equals_an_uninterrupted_run(server):
-    whole = server.run(training_graph("whole", **CUT), timeout=3600)
-    assert whole.outputs["stage"]["adl_run"][0].startswith("whole-")
-    start = len(server.listener.messages)
-    prompt_id = server.submit(training_graph("cut", **CUT))
-    _wait_iteration(server, start, "cut", 1)
-    status, _ = server.post("/interrupt", {})  # arrives during iteration 2
-    assert status == 200
-    entry = server.wait(prompt_id, timeout=1800)
-    kinds = [kind for kind, _ in entry["status"]["messages"]]
-    assert "execution_interrupted" in kinds, kinds
-    cancelled = [m["data"] for m in server.listener.messages[start:]
-                 if m.get("type") == "adl.training" and m["data"]["event"] == "cancelled"]
-    assert cancelled and cancelled[0]["record"]["iteration"] == 2, cancelled
-    run_dir = server.base / "models" / "adlightning_runs" / cancelled[0]["run"]
-    states = sorted((run_dir / "state").glob("iter-*.safetensors"))
-    assert states[-1].name == "iter-00000002.safetensors"
-    assert not list(run_dir.rglob(".*.partial*"))
-    assert not student_file(server, "cut", 4).exists()
-    resumed = server.run(training_graph("cut", resume="latest", **CUT), timeout=3600)
-    assert resumed.outputs["stage"]["adl_run"][0] == cancelled[0]["run"]
-    a = load_file(str(student_file(server, "whole", 4)))
-    b = load_file(str(student_file(server, "cut", 4)))
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    print(f"resumed vs uninterrupted student: {len(a)} tensors, {len(different)} differ")
-    assert not different
-
-
 @pytest.mark.parametrize("case", ["not_sd15_base", "empty_video_folder", "video_without_caption",
                                   "memory_plan_refused"])
 def test_failures_say_what_to_change_and_the_server_keeps_serving(server, case):
@@ -216,9 +165,129 @@ def test_failures_say_what_to_change_and_the_server_keeps_serving(server, case):
             pytest.skip("training.memory (the memory plan) is not in this checkout yet")
         graph = training_graph("fail", iterations=1, budget=0.5)
         expected, node = "GB", "ADL_DistillStage"
-    error = server.run_error(graph, timeout=1800)
+    error = run_error(server, graph)
     message = error.get("exception_message", json.dumps(error))
     print(f"{case}: {error.get('node_type')}: {message[:400]}")
     assert error.get("node_type") == node, error
     assert expected in message
     assert server.alive() and "system" in server.get("/system_stats")
+
+
+def test_quickstart_writes_a_student_that_loads_and_samples(server):
+    start = len(server.listener.messages)
+    graph = training_graph("quick", iterations=1, validate_every=int(os.environ.get("ADL_TRAINING_VALIDATE", "2")))
+    # the student straight from the stage node, through Apply Motion Module
+    graph.update({k: v for k, v in sample_graph({}, "apply").items() if k not in graph})
+    graph["apply"] = {"class_type": "ADL_ApplyMotionModule", "inputs": {"model": ["ckpt", 0],
+                                                                         "motion_module": ["stage", 0]}}
+    started = time.time()
+    result = run(server, graph)
+    print(f"quickstart (dataset + 2 iterations of 8->4 + sampling): {time.time() - started:.0f} s")
+    path = student_file(server, "quick", 4)
+    assert path.is_file()
+    weights = load_file(str(path))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    sampled = latent(server, result, "save")
+    assert sampled.shape == (8, 4, 8, 8) and torch.isfinite(sampled).all()
+    # outputs: validation frames and curves as images in the ui, the run folder name
+    ui = result.outputs["stage"]
+    run_folder = ui["adl_run"][0]
+    assert run_folder.startswith("quick-")
+    # live messages: one per iteration with its figures, validation, checkpoint, done
+    messages = [m["data"] for m in server.listener.messages[start:] if m.get("type") == "adl.training"]
+    iterations = [m["record"] for m in messages if m["event"] == "iteration"]
+    print("live iteration messages:", json.dumps(iterations))
+    assert [r["iteration"] for r in iterations] == [1, 2]
+    assert all(k in r for r in iterations for k in ("d", "g", "accuracy", "preference", "seconds"))
+    expected = {"start", "iteration", "checkpoint", "done"} | ({"validation"} if graph["stage"]["inputs"]["validate_every"]
+                                                                  else set())
+    assert {m["event"] for m in messages} >= expected
+    assert all(m["node"] == "stage" and m["run"] == run_folder for m in messages)
+    # the widget's log route serves the run's records after a reload, and refuses paths
+    log = server.get(f"/adlightning/training/log?run={run_folder}")
+    assert [r["iteration"] for r in log["records"] if "event" not in r] == [1, 2]
+    assert server.get("/adlightning/training/log?run_name=quick")["run"] == run_folder
+    for bad in ("../../etc", "quick-20260101-000000/..", "%2e%2e"):
+        try:
+            server.get(f"/adlightning/training/log?run={bad}")
+            raise AssertionError(f"{bad} was served")
+        except Exception as error:  # urllib raises HTTPError 400
+            assert "400" in str(error), error
+    # the student loads in our loader from animatediff_models and samples
+    ours = sample_graph({"mm": {"class_type": "ADL_LoadMotionModule", "inputs": {"name": path.name}},
+                         "apply": {"class_type": "ADL_ApplyMotionModule",
+                                   "inputs": {"model": ["ckpt", 0], "motion_module": ["mm", 0]}}}, "apply")
+    ours_latent = latent(server, run(server, ours), "save")
+    assert torch.isfinite(ours_latent).all()
+    if "ADE_AnimateDiffLoaderGen1" in server.object_info():
+        theirs = sample_graph({"ade": {"class_type": "ADE_AnimateDiffLoaderGen1", "inputs": {
+            "model": ["ckpt", 0], "model_name": path.name, "beta_schedule": "sqrt_linear (AnimateDiff)"}}}, "ade")
+        theirs_latent = latent(server, run(server, theirs), "save")
+        difference = float((ours_latent - theirs_latent).abs().max() / theirs_latent.abs().max())
+        print(f"student sampled by ours vs Evolved: max rel difference {difference:.3g}")
+        assert difference < 1e-3
+
+
+def _wait_iteration(server, start: int, run_name: str, iteration: int, timeout: float = 1800) -> None:
+    server.listener.wait_for(lambda m: m.get("type") == "adl.training" and m["data"]["event"] == "iteration"
+                             and m["data"]["run"].startswith(run_name + "-")
+                             and m["data"]["record"]["iteration"] == iteration
+                             and m in server.listener.messages[start:], timeout)
+
+
+# 8->4 with mse_only: one MSE phase of 2 x 2 = 4 iterations (the cheapest phase on a CPU: 2 teacher steps)
+CUT = dict(iterations=2, stage="8->4", mse_only=True)
+
+
+def test_interrupt_then_resume_latest_equals_an_uninterrupted_run(server):
+    whole = run(server, training_graph("whole", **CUT))
+    assert whole.outputs["stage"]["adl_run"][0].startswith("whole-")
+    start = len(server.listener.messages)
+    prompt_id = server.submit(training_graph("cut", **CUT))
+    _wait_iteration(server, start, "cut", 1)
+    status, _ = server.post("/interrupt", {})  # arrives during iteration 2
+    assert status == 200
+    entry = wait(server, prompt_id)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds, kinds
+    cancelled = [m["data"] for m in server.listener.messages[start:]
+                 if m.get("type") == "adl.training" and m["data"]["event"] == "cancelled"]
+    assert cancelled and cancelled[0]["record"]["iteration"] == 2, cancelled
+    run_dir = server.base / "models" / "adlightning_runs" / cancelled[0]["run"]
+    states = sorted((run_dir / "state").glob("iter-*.safetensors"))
+    assert states[-1].name == "iter-00000002.safetensors"
+    assert not list(run_dir.rglob(".*.partial*"))
+    assert not student_file(server, "cut", 4).exists()
+    resumed = run(server, training_graph("cut", resume="latest", **CUT))
+    assert resumed.outputs["stage"]["adl_run"][0] == cancelled[0]["run"]
+    a = load_file(str(student_file(server, "whole", 4)))
+    b = load_file(str(student_file(server, "cut", 4)))
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    print(f"resumed vs uninterrupted student: {len(a)} tensors, {len(different)} differ")
+    assert not different
+
+
+def test_discriminator_preview_gives_a_probability_per_jump(server):
+    runs = [name for name in server.object_info()["ADL_DiscriminatorPreview"]["input"]["required"]["run"][0]
+            if name.startswith("quick-")]
+    if not runs:
+        pytest.skip("needs the adversarial run of the quickstart test")
+    graph = sample_graph({"mm": {"class_type": "ADL_LoadMotionModule", "inputs": {"name": "quick_4step.safetensors"}},
+                          "apply": {"class_type": "ADL_ApplyMotionModule",
+                                    "inputs": {"model": ["ckpt", 0], "motion_module": ["mm", 0]}}}, "apply")
+    for key in ("sampler", "save", "neg"):
+        graph.pop(key)
+    graph["preview"] = {"class_type": "ADL_DiscriminatorPreview", "inputs": {
+        "run": runs[0], "model": ["apply", 0], "positive": ["pos", 0], "latent_image": ["latent", 0], "seed": 3,
+        "steps": 0, "base_index": 1}}
+    graph["plot"] = {"class_type": "PreviewImage", "inputs": {"images": ["preview", 0]}}
+    graph["saliency"] = {"class_type": "PreviewImage", "inputs": {"images": ["preview", 2]}}
+    entry = run(server, graph)
+    rows = entry["outputs"]["preview"]["adl_preview"]
+    print("discriminator preview:", json.dumps(rows))
+    assert [r["jump"] for r in rows] == [0, 1, 2, 3]
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("student", "teacher"))
+    assert [r["t"] for r in rows] == [999, 749, 499, 249]
+    assert len(entry["outputs"]["plot"]["images"]) == 1
+    assert len(entry["outputs"]["saliency"]["images"]) == 8  # one overlaid frame per latent frame
