@@ -11,6 +11,7 @@ index is also the discriminator's flow condition, so both see what training saw 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 from pathlib import Path
@@ -154,7 +155,8 @@ def _preview(run, model, positive, latent_image, seed, steps, base_index):
         noise = torch.randn((frames, 4, height, width), generator=torch.Generator().manual_seed(seed))
         x = distill.noisy_latents(torch.zeros_like(noise), noise, [grid[0]], frames)
         rows, maps = [], []
-        student_module = student.float() if next(student.parameters()).dtype != torch.float32 else student
+        # the loader's module is ComfyUI's cached object: never convert it in place
+        student_module = student if next(student.parameters()).dtype == torch.float32 else copy.deepcopy(student).float()
         for k, t in enumerate(grid):
             t_next = grid[k + 1] if k + 1 < len(grid) else -1
             with torch.no_grad():

@@ -50,7 +50,7 @@ CANVAS_STATS = """(colours) => {
 }"""
 
 
-def workflow(run_name: str) -> dict:
+def workflow(run_name: str, *, resume: str = "new", iterations: int = 2, mse_only: bool = False) -> dict:
     from _build import Workflow
 
     w = Workflow(scale=1.0)
@@ -64,10 +64,10 @@ def workflow(run_name: str) -> dict:
                          "name": "itest_teacher", "stride": 1, "clips_per_video": 1, "teacher_steps": 2},
                 inputs={"bases": (b2, 0), "teacher": (mm, 0)})
     w.node("ADL_DistillStage", (360, 40), (460, 760),
-           widgets={"stage": "8->4", "iterations": 2, "run_name": run_name, "resume": "new", "seed": 0,
+           widgets={"stage": "8->4", "iterations": iterations, "run_name": run_name, "resume": resume, "seed": 0,
                     "learning_rate": 0.0, "clips": 1, "precision": "fp32", "gradient_checkpointing": False,
                     "discriminator": "light", "resident_bases": "one", "save_every": 1, "validate_every": 0,
-                    "validation_prompts": "a cat", "mse_only": False, "memory_budget_gb": 1000.0},
+                    "validation_prompts": "a cat", "mse_only": mse_only, "memory_budget_gb": 1000.0},
            inputs={"teacher": (mm, 0), "bases": (b2, 0), "dataset": (ds, 0)})
     return w.to_json()
 
@@ -78,6 +78,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", type=Path, help="ComfyUI base directory (reuse one to keep its dataset cache)")
     ap.add_argument("--timeout", type=float, default=5400)
+    ap.add_argument("--run-name", help="queue resume = latest on this finished or stopped run instead of a new one "
+                                       "(the widget then gets the run's records in the start message)")
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--mse-only", action="store_true")
     args = ap.parse_args(argv)
     comfy = comfyui_path()
     if comfy is None:
@@ -93,8 +97,10 @@ def main(argv=None) -> int:
                                     "Comfy.Workflow.ShowMissingNodesWarning": False}))
     models = {"checkpoints": {SD15: d / SD15, SEED1: d / SEED1},
               "animatediff_models": {LIGHTNING_4STEP: d / "motion" / LIGHTNING_4STEP}}
-    server = ComfyServer(comfy, base, models=models).start()
-    run_name = f"widget{int(time.time())}"
+    server = ComfyServer(comfy, base, models=models).start(timeout=900)
+    run_name = args.run_name or f"widget{int(time.time())}"
+    graph = workflow(run_name, resume="latest" if args.run_name else "new", iterations=args.iterations,
+                     mse_only=args.mse_only)
     report = {}
     try:
         with sync_playwright() as p:
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
             page.goto(server.url, wait_until="networkidle")
             page.wait_for_function("() => window.app && window.app.graph", timeout=120_000)
             page.keyboard.press("Escape")
-            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow(run_name))
+            page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", graph)
             page.wait_for_timeout(1000)
             page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
             page.wait_for_function(
