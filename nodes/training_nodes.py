@@ -304,7 +304,7 @@ def _memory_check(config, budget_gb: float, device: str) -> str | None:
     plan = memory.estimate(config, free_bytes=free)
     table = plan.table()
     if not plan.fits:
-        options = "\n  ".join(plan.options_that_fit) or "(none: lower the clip size or frames of the dataset)"
+        options = "\n  ".join(map(str, plan.options_that_fit)) or "(none: lower the clip size or frames of the dataset)"
         raise MemoryPlanRefused(
             f"Distill Stage: this run needs about {plan.peak_bytes / 2**30:.1f} GB but {free / 2**30:.1f} GB are "
             f"free{' (memory_budget_gb)' if budget_gb > 0 else ''}; nothing was loaded. Settings that fit "
