@@ -43,7 +43,17 @@ def _alias_core() -> None:
         sys.modules.setdefault("lightning." + info.name[len(full):], module)
 
 
+def _alias_training() -> None:
+    """``importlib.util.find_spec("training.<x>")`` (``training.memory`` asks it) imports the top-level parent
+    ``training``; give it this pack's package when no other top-level ``training`` exists."""
+    if not _PACKAGE_PREFIX or "training" in sys.modules:
+        return
+    if importlib.util.find_spec("training") is None:
+        sys.modules["training"] = importlib.import_module(_PACKAGE_PREFIX + "training")
+
+
 def training(name: str):
     """``training.<name>`` of this pack, e.g. ``training("loop")``."""
     _alias_core()
+    _alias_training()
     return importlib.import_module(f"{_PACKAGE_PREFIX}training.{name}")

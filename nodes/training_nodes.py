@@ -301,7 +301,8 @@ def _memory_check(config, budget_gb: float, device: str) -> str | None:
         free = int(budget_gb * 2**30)
     else:
         free = int(comfy.model_management.get_free_memory(comfy.model_management.get_torch_device()))
-    plan = memory.estimate(config, free_bytes=free)
+    opened = training("dataset").LatentDataset(config.data.dataset)
+    plan = memory.estimate(config, free_bytes=free, geometry=memory.Geometry(opened.frames, opened.height, opened.width))
     table = plan.table()
     if not plan.fits:
         options = "\n  ".join(map(str, plan.options_that_fit)) or "(none: lower the clip size or frames of the dataset)"
