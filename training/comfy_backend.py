@@ -373,14 +373,16 @@ def vae_decoder(checkpoint: Checkpoint) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def teacher_sampler(checkpoints: Sequence[Checkpoint], teacher, *, teacher_path: str = "",
-                    steps: int = TEACHER_STEPS, cfg: float = TEACHER_CFG, sampler_name: str = TEACHER_SAMPLER,
+                    steps: int | None = None, cfg: float = TEACHER_CFG, sampler_name: str = TEACHER_SAMPLER,
                     scheduler: str = TEACHER_SCHEDULER) -> Callable[..., torch.Tensor]:
     """``sample(base_index, prompt, seed, frames, height, width) -> [frames, 4, height/8, width/8]``: the
     AnimateDiff teacher through the pack's Apply Motion Module patch and ComfyUI's own sampler (what users
     sample), empty negative prompt; ``height``/``width`` in pixels (multiples of 8); latents in diffusion space.
 
-    Only one base's UNet stays loaded: moving to another base releases the previous one.
+    Only one base's UNet stays loaded: moving to another base releases the previous one. ``steps`` None is
+    :data:`TEACHER_STEPS`, read when the sampler is made (a CPU smoke test may lower it).
     """
+    steps = int(steps if steps is not None else TEACHER_STEPS)
     c = import_comfy(checkpoints[0].device if checkpoints else "auto")
     mp = c.motion_patch
     handle = mp.MotionModuleHandle(mp.motion_patcher(teacher), teacher.info, str(teacher_path))
@@ -415,6 +417,10 @@ def load_teacher(path, *, materialize: bool = True):
         raise errors.InvalidInputError(
             f"the memory plan reads the teacher's header and needs a .safetensors file, got {path.name}")
     entries, metadata = read_header(path)
-    tensors = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape) in entries.items()}
-    return checkpoints_io.motion_module_from_state_dict(tensors, path=path, metadata=metadata, device="meta",
-                                                        dtype=torch.float32)
+    # detect() reads names and shapes only; the module is then built empty on meta (no finiteness check
+    # of values that do not exist)
+    info = checkpoints_io.detect({k: shape for k, (_, shape) in entries.items()}, path=path, metadata=metadata)
+    motion_module = pack_module("lightning.motion_module")
+    return motion_module.MotionModuleSet(info.channels, has_mid=info.has_mid, pe_length=info.pe_length,
+                                         heads=checkpoints_io.HEADS, norm_groups=checkpoints_io.NORM_GROUPS,
+                                         info=info, device="meta")

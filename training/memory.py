@@ -534,8 +534,11 @@ def plan_iteration(settings: PlanSettings, geometry: Geometry, phase_kind: str, 
         for lane, clips in chunks:
             base = resident[lane % len(resident)]
             pair = draw(base, clips, lane)
+            # no_grad: the loop builds this jump's graph and drops it at once (.detach()); its transient is
+            # below the G pass's (student graph + D graph), and under the tracker hooks would keep it alive.
+            with torch.no_grad(), autocast():
+                fake = distill.student_jump(base, student, pair)
             with autocast():
-                fake = distill.student_jump(base, student, pair).detach()
                 real_logits = distill.discriminate(disc, pair, pair.teacher, conditional)
                 fake_logits = distill.discriminate(disc, pair, fake, conditional)
             (distill.discriminator_loss(real_logits.float(), fake_logits.float()) * scale).backward()

@@ -72,10 +72,14 @@ class Placement:
         return self.precision == "fp16"
 
     def prepare(self, bases: Sequence[nn.Module], trainables: Sequence[nn.Module | None]) -> None:
-        """Put trainables (float32) on the device and the bases where the residency rule says."""
+        """Put trainables on the device, their trainable weights in float32 (the master weights; a frozen
+        part such as a light discriminator's backbone keeps its dtype), and the bases where residency says."""
         for module in trainables:
             if module is not None:
-                module.to(device=self.device, dtype=torch.float32)
+                module.to(device=self.device)
+                for parameter in module.parameters():
+                    if parameter.requires_grad and parameter.dtype != torch.float32:
+                        parameter.data = parameter.data.to(torch.float32)
         if self.resident == "auto":
             self.resident = self._auto(bases)
         home = self.device if self.resident == "all" else torch.device("cpu")

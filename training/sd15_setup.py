@@ -130,7 +130,10 @@ def build(config, materialize: bool = True) -> Setup:
     if materialize:
         checkpoints = comfy_backend.open_checkpoints(paths, device=device)
         teacher = comfy_backend.load_teacher(model.teacher)
-        bases = None
+        bases = [comfy_backend.make_base(i, ckpt) for i, ckpt in enumerate(checkpoints)]
+        if model.resident_bases == "one" and comfy_backend._wants_cpu(device):
+            for base in bases:
+                base.release_when_parked = True
     else:
         checkpoints = [None] * len(paths)
         teacher = comfy_backend.load_teacher(model.teacher, materialize=False)
@@ -138,5 +141,6 @@ def build(config, materialize: bool = True) -> Setup:
     return setup_from_parts(checkpoints, teacher, lane_data, frames=dataset.frames,
                             latent_height=dataset.height, latent_width=dataset.width,
                             trainable=config.discriminator.trainable,
-                            validation_prompts=list(config.validation.prompts), bases=bases,
+                            validation_prompts=list(config.validation.prompts) if config.validation.every else None,
+                            bases=bases,
                             materialize=materialize)

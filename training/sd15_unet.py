@@ -82,7 +82,8 @@ def _module_class(motion_module) -> type | None:
 
 
 def _unet_dtype(unet: nn.Module) -> torch.dtype:
-    return getattr(unet, "dtype", None) or next(unet.parameters()).dtype
+    # the weights' dtype, not UNetModel.dtype: that attribute is set once at construction and .to() skips it
+    return next(unet.parameters()).dtype
 
 
 class SD15Base(nn.Module):
@@ -111,6 +112,9 @@ class SD15Base(nn.Module):
         self.calls = calls
         self._load = load
         self._pending: list[Callable] = []  # conversions (.to, .float) asked for before the weights were read
+        # With bases swapped on a CPU-only run "parking" a base on the CPU saves nothing; dropping its weights
+        # (read again from the page cache when its lane next runs) keeps one base in memory instead of all.
+        self.release_when_parked = False
         self.unet = None
         if unet is not None:
             self._set_unet(unet)
@@ -138,6 +142,13 @@ class SD15Base(nn.Module):
         if self._load is None:
             raise errors.InvalidInputError("this base has no loader to read its weights again; keep it loaded")
         self.unet = None
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self.release_when_parked and device is not None and device.type == "cpu" and self._load is not None:
+            self.unload()
+            return self
+        return super().to(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # A base that has not read its weights yet remembers the conversion for when it does.
