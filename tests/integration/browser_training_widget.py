@@ -50,18 +50,20 @@ CANVAS_STATS = """(colours) => {
 }"""
 
 
-def workflow(run_name: str, *, resume: str = "new", iterations: int = 2, mse_only: bool = False) -> dict:
+def workflow(run_name: str, *, resume: str = "new", iterations: int = 2, mse_only: bool = False,
+             one_base: bool = False) -> dict:
     from _build import Workflow
 
     w = Workflow(scale=1.0)
     mm = w.node("ADL_LoadMotionModule", (20, 40), (300, 90), widgets={"name": LIGHTNING_4STEP,
                                                                      "group_norm": "per_frame"})
     b1 = w.node("ADL_TrainingBases", (20, 170), (300, 70), widgets={"ckpt_name": SD15})
-    b2 = w.node("ADL_TrainingBases", (20, 280), (300, 70), widgets={"ckpt_name": SEED1}, inputs={"bases": (b1, 0)})
+    b2 = b1 if one_base else w.node("ADL_TrainingBases", (20, 280), (300, 70), widgets={"ckpt_name": SEED1},
+                                    inputs={"bases": (b1, 0)})
     ds = w.node("ADL_TrainingDataset", (20, 390), (300, 400),
                 widgets={"source": "teacher", "prompts": "a cat walking on a wall\nwaves breaking on a beach",
                          "video_folder": "x", "clips_per_base": 1, "frames": 8, "width": 64, "height": 64, "seed": 0,
-                         "name": "itest_teacher", "stride": 1, "clips_per_video": 1, "teacher_steps": 2},
+                         "name": f"itest_teacher_{1 if one_base else 2}", "stride": 1, "clips_per_video": 1, "teacher_steps": 2},
                 inputs={"bases": (b2, 0), "teacher": (mm, 0)})
     w.node("ADL_DistillStage", (360, 40), (460, 760),
            widgets={"stage": "8->4", "iterations": iterations, "run_name": run_name, "resume": resume, "seed": 0,
@@ -82,6 +84,7 @@ def main(argv=None) -> int:
                                        "(the widget then gets the run's records in the start message)")
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--mse-only", action="store_true")
+    ap.add_argument("--one-base", action="store_true")
     args = ap.parse_args(argv)
     comfy = comfyui_path()
     if comfy is None:
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     server = ComfyServer(comfy, base, models=models).start(timeout=900)
     run_name = args.run_name or f"widget{int(time.time())}"
     graph = workflow(run_name, resume="latest" if args.run_name else "new", iterations=args.iterations,
-                     mse_only=args.mse_only)
+                     mse_only=args.mse_only, one_base=args.one_base)
     report = {}
     try:
         with sync_playwright() as p:
