@@ -386,6 +386,10 @@ def _advice(error: BaseException) -> str:
     if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
         return ("out of memory. Lower clips, set precision bf16, turn gradient_checkpointing on, set discriminator "
                 "to light or resident_bases to one; the memory plan printed in the console shows what fits.")
+    if isinstance(error, OSError) and getattr(error, "errno", None) == 28 or "no space left" in str(error).lower():
+        return ("the disk is full. A training state of an SD1.5 run holds the student, its Adam moments and the "
+                "discriminator (several GB each; the last 3 are kept in the run's state/ folder): free space, "
+                "delete old runs in models/adlightning_runs, then queue again with resume = latest.")
     return "see the message above; fix the input it names and queue again with resume = latest."
 
 
