@@ -36,7 +36,9 @@ SEED1 = "sd15_random_seed1.safetensors"
 # iteration of two full-size SD1.5 bases takes tens of minutes; ADL_TRAINING_CHEAP=1 runs the same tests on one
 # base with the stage's MSE ablation (mse_only: 2 MSE iterations), which exercises the same node code paths.
 CHEAP = os.environ.get("ADL_TRAINING_CHEAP") == "1"
-QUICK = dict(iterations=1, bases=(SD15,), mse_only=True) if CHEAP else dict(iterations=1)
+# ADL_TRAINING_CHEAP_ADVERSARIAL=1: one base, but the adversarial stage (a discriminator for the preview)
+CHEAP_ADVERSARIAL = CHEAP and os.environ.get("ADL_TRAINING_CHEAP_ADVERSARIAL") == "1"
+QUICK = (dict(iterations=1, bases=(SD15,), mse_only=not CHEAP_ADVERSARIAL) if CHEAP else dict(iterations=1))
 NOT_SD15 = "sd2_unet_as_checkpoint.safetensors"
 DATASET = "itest_teacher"
 PROMPTS = "a cat walking on a wall\nwaves breaking on a beach"
@@ -198,7 +200,7 @@ def test_quickstart_writes_a_student_that_loads_and_samples(server):
     iterations = [m["record"] for m in messages if m["event"] == "iteration"]
     print("live iteration messages:", json.dumps(iterations))
     assert [r["iteration"] for r in iterations] == [1, 2]
-    figures = ("mse",) if CHEAP else ("d", "g", "accuracy", "preference")
+    figures = ("mse",) if QUICK.get("mse_only") else ("d", "g", "accuracy", "preference")
     assert all(k in r for r in iterations for k in figures + ("seconds",))
     expected = {"start", "iteration", "checkpoint", "done"} | ({"validation"} if graph["stage"]["inputs"]["validate_every"]
                                                                   else set())
@@ -289,7 +291,7 @@ def test_discriminator_preview_gives_a_probability_per_jump(server):
         graph.pop(key)
     graph["preview"] = {"class_type": "ADL_DiscriminatorPreview", "inputs": {
         "run": runs[0], "model": ["apply", 0], "positive": ["pos", 0], "latent_image": ["latent", 0], "seed": 3,
-        "steps": 0, "base_index": 1}}
+        "steps": 0, "base_index": len(QUICK.get("bases", (SD15, SEED1))) - 1}}
     graph["plot"] = {"class_type": "PreviewImage", "inputs": {"images": ["preview", 0]}}
     graph["saliency"] = {"class_type": "PreviewImage", "inputs": {"images": ["preview", 2]}}
     entry = run(server, graph)
