@@ -17,5 +17,7 @@ class LightningExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from .generation import NODES as generation
         from .long_video import NODES as long_video
+        from .discriminator_preview import NODES as preview
+        from .training_nodes import NODES as training_nodes
 
-        return [*generation, *long_video]
+        return [*generation, *long_video, *training_nodes, *preview]

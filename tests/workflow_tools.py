@@ -63,11 +63,11 @@ def schema_from_spec(spec) -> NodeSchema:
 
 def offline_schemas() -> dict[str, NodeSchema]:
     """Our nodes from their specs plus the core nodes recorded in tests/data (no ComfyUI needed)."""
-    from nodes import specs
+    from nodes import specs, training_specs
 
     core = json.loads(CORE_NODES.read_text())
     schemas = {k: schema_from_object_info(k, v) for k, v in core.items() if not k.startswith("_")}
-    schemas.update({s.node_id: schema_from_spec(s) for s in specs.all_specs()})
+    schemas.update({s.node_id: schema_from_spec(s) for s in specs.all_specs() + training_specs.TRAINING_NODES})
     return schemas
 
 

@@ -204,6 +204,146 @@ def vid2vid_pose_controlnet() -> Workflow:
 WORKFLOWS = {"txt2vid_lightning_4step": txt2vid_lightning_4step, "vid2vid_pose_controlnet": vid2vid_pose_controlnet}
 
 
+# --- distilling your own Lightning module -------------------------------------------------------------------
+
+TRAIN_PROMPTS = ("a cat walking on a wall\nwaves breaking on a beach\na girl smiling, wind in her hair\n"
+                 "a car driving through a city at night\nfireworks over a lake")
+
+
+def _stage_widgets(stage: str, iterations: int, run_name: str, *, validate_every: int = 50) -> dict:
+    return {"stage": stage, "iterations": iterations, "run_name": run_name, "resume": "latest", "seed": 0,
+            "learning_rate": 0.0, "clips": 1, "precision": "auto", "gradient_checkpointing": True,
+            "discriminator": "light", "resident_bases": "auto", "save_every": 25, "validate_every": validate_every,
+            "validation_prompts": "a cat walking on a wall", "mse_only": False, "memory_budget_gb": 0.0}
+
+
+def _bases(w: Workflow, x: int, y: int, names=("toonyou_beta6.safetensors", "epicrealism_naturalSinRC1VAE.safetensors")):
+    previous = None
+    for i, name in enumerate(names):
+        node = w.node("ADL_TrainingBases", (x, y + 110 * i), (330, 80), widgets={"ckpt_name": name},
+                      inputs={"bases": (previous, 0)} if previous else None, title=f"Base {i + 1}")
+        previous = node
+    return previous
+
+
+def distill_quickstart() -> Workflow:
+    w = Workflow(scale=0.65)
+    teacher = w.node("ADL_LoadMotionModule", (20, 60), (330, 100),
+                     widgets={"name": "animatediff_lightning_8step_comfyui.safetensors", "group_norm": "per_frame"},
+                     title="Teacher: the released 8-step module")
+    bases = _bases(w, 20, 200)
+    dataset = w.node("ADL_TrainingDataset", (380, 60), (360, 420),
+                     widgets={"source": "teacher", "prompts": TRAIN_PROMPTS, "video_folder": "training_videos",
+                              "clips_per_base": 8, "frames": 16, "width": 256, "height": 256, "seed": 0,
+                              "name": "quickstart", "stride": 1, "clips_per_video": 1, "teacher_steps": 0},
+                     inputs={"bases": (bases, 0), "teacher": (teacher, 0)})
+    stage = w.node("ADL_DistillStage", (770, 60), (420, 720), widgets=_stage_widgets("8->4", 100, "my_lightning"),
+                   inputs={"teacher": (teacher, 0), "bases": (bases, 0), "dataset": (dataset, 0)},
+                   title="Distill 8 -> 4 steps on your bases")
+    w.group("1. Distil (runs for a while: watch the curves; Cancel keeps everything)", (0, 0, 1210, 800))
+    ckpt = w.node("CheckpointLoaderSimple", (1240, 60), (330, 100), widgets={"ckpt_name": "toonyou_beta6.safetensors"})
+    pos = w.node("CLIPTextEncode", (1240, 200), (330, 130), widgets={"text": PROMPT}, inputs={"clip": (ckpt, 1)},
+                 title="Positive prompt", color="#232")
+    neg = w.node("CLIPTextEncode", (1240, 370), (330, 100), widgets={"text": NEGATIVE}, inputs={"clip": (ckpt, 1)},
+                 title="Negative prompt", color="#322")
+    latent = w.node("EmptyLatentImage", (1240, 510), (330, 110), widgets={"width": 512, "height": 512, "batch_size": 16})
+    reference = w.node("ADL_LoadMotionModule", (1240, 660), (330, 100),
+                       widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame"},
+                       title="Released 4-step module, for comparison")
+    for row, (module, title) in enumerate(((stage, "Your student, 4 steps"), (reference, "Released 4-step"))):
+        y = 60 + row * 420
+        apply = w.node("ADL_ApplyMotionModule", (1600, y), (300, 100), widgets={"scale": 1.0},
+                       inputs={"model": (ckpt, 0), "motion_module": (module, 0)}, title=title)
+        sampler = w.node("ADL_LightningSampler", (1600, y + 140), (300, 240),
+                         widgets={"seed": 42, "steps": 0, "cfg": 1.0, "denoise": 1.0},
+                         inputs={"model": (apply, 0), "positive": (pos, 0), "negative": (neg, 0),
+                                 "latent_image": (latent, 0)})
+        decode = w.node("VAEDecode", (1930, y), (300, 50), inputs={"samples": (sampler, 0), "vae": (ckpt, 2)})
+        video = w.node("CreateVideo", (1930, y + 80), (300, 80), widgets={"fps": 8.0}, inputs={"images": (decode, 0)})
+        w.node("SaveVideo", (2260, y), (360, 380),
+               widgets={"filename_prefix": f"video/{'student' if row == 0 else 'released'}_4step", "format": "auto",
+                        "codec": "auto"}, inputs={"video": (video, 0)})
+    w.group("2. Sample with the student beside the released module", (1220, 0, 1420, 880), color="#8a6")
+    w.note((20, 480), "Distil your own Lightning module on your style checkpoints.\n\n"
+           "1. Bases: one Training Bases node per SD1.5 checkpoint (chain them).\n"
+           "2. Dataset: the teacher makes 8 clips per base from the prompts (cached under "
+           "models/adlightning_datasets; queueing again adds only what is missing).\n"
+           "3. Distill Stage: 8 -> 4 steps, 2 x 100 iterations. The widget draws loss, D accuracy and preference "
+           "live. Cancel saves everything; resume = latest continues exactly.\n\n"
+           "The student lands in models/animatediff_models as my_lightning_4step.safetensors.", size=(330, 300))
+    return w
+
+
+def distill_progressive() -> Workflow:
+    w = Workflow(scale=0.55)
+    teacher = w.node("ADL_LoadMotionModule", (20, 60), (330, 100),
+                     widgets={"name": "mm_sd_v15_v2.ckpt", "group_norm": "per_frame"}, title="AnimateDiff v2 (teacher)")
+    bases = _bases(w, 20, 200)
+    dataset = w.node("ADL_TrainingDataset", (20, 460), (360, 420),
+                     widgets={"source": "teacher", "prompts": TRAIN_PROMPTS, "video_folder": "training_videos",
+                              "clips_per_base": 64, "frames": 16, "width": 256, "height": 256, "seed": 0,
+                              "name": "progressive", "stride": 1, "clips_per_video": 1, "teacher_steps": 0},
+                     inputs={"bases": (bases, 0), "teacher": (teacher, 0)})
+    ckpt = w.node("CheckpointLoaderSimple", (20, 920), (330, 100), widgets={"ckpt_name": "toonyou_beta6.safetensors"})
+    pos = w.node("CLIPTextEncode", (20, 1060), (330, 130), widgets={"text": PROMPT}, inputs={"clip": (ckpt, 1)},
+                 title="Validation prompt", color="#232")
+    latent = w.node("EmptyLatentImage", (20, 1230), (330, 110), widgets={"width": 256, "height": 256, "batch_size": 16})
+    previous = teacher
+    for i, (stage_name, steps) in enumerate((("32->8", 8), ("8->4", 4), ("4->2", 2))):
+        x = 420 + i * 520
+        stage = w.node("ADL_DistillStage", (x, 60), (440, 720),
+                       widgets=_stage_widgets(stage_name, 500, f"my_lightning_s{i + 1}", validate_every=100),
+                       inputs={"teacher": (previous, 0), "bases": (bases, 0), "dataset": (dataset, 0)},
+                       title=f"Stage {stage_name}")
+        apply = w.node("ADL_ApplyMotionModule", (x, 820), (300, 100), widgets={"scale": 1.0},
+                       inputs={"model": (ckpt, 0), "motion_module": (stage, 0)}, title=f"{steps}-step student")
+        sampler = w.node("ADL_LightningSampler", (x, 960), (300, 240),
+                         widgets={"seed": 42, "steps": 0, "cfg": 1.0, "denoise": 1.0},
+                         inputs={"model": (apply, 0), "positive": (pos, 0), "negative": (pos, 0),
+                                 "latent_image": (latent, 0)})
+        decode = w.node("VAEDecode", (x, 1240), (300, 50), inputs={"samples": (sampler, 0), "vae": (ckpt, 2)})
+        w.node("PreviewImage", (x + 320, 820), (200, 400), inputs={"images": (decode, 0)},
+               title=f"After {stage_name}")
+        previous = stage
+    w.group("The paper's chain: 128 -> 32 -> 8 -> 4 -> 2 (here from 32 -> 8; each stage's student teaches the next)",
+            (400, 0, 1580, 1320))
+    w.note((420, 1330), "Progressive distillation. A 128 -> 32 MSE stage (stage '128->32 mse+cfg') comes first when "
+           "the teacher is a plain AnimateDiff module; here the chain starts from a 32-step teacher. Each stage "
+           "saves <run_name>_<N>step.safetensors into animatediff_models and validates after every 100 iterations "
+           "(the widget and the Preview Image of its samples). Queue once: the stages run in order; a Cancel in any "
+           "stage is resumed by queueing again (resume = latest on every stage).", size=(900, 160))
+    return w
+
+
+def discriminator_preview() -> Workflow:
+    w = Workflow(scale=0.75)
+    ckpt = w.node("CheckpointLoaderSimple", (20, 60), (330, 100), widgets={"ckpt_name": "toonyou_beta6.safetensors"})
+    mm = w.node("ADL_LoadMotionModule", (20, 200), (330, 100),
+                widgets={"name": "my_lightning_4step.safetensors", "group_norm": "per_frame"}, title="Your student")
+    apply = w.node("ADL_ApplyMotionModule", (20, 340), (330, 100), widgets={"scale": 1.0},
+                   inputs={"model": (ckpt, 0), "motion_module": (mm, 0)})
+    pos = w.node("CLIPTextEncode", (380, 60), (360, 130), widgets={"text": PROMPT}, inputs={"clip": (ckpt, 1)},
+                 title="Prompt", color="#232")
+    latent = w.node("EmptyLatentImage", (380, 230), (360, 110), widgets={"width": 256, "height": 256, "batch_size": 16},
+                    title="The run's size and frames")
+    preview = w.node("ADL_DiscriminatorPreview", (780, 60), (340, 220),
+                     widgets={"run": "my_lightning-20260101-120000", "seed": 42, "steps": 0, "base_index": 0},
+                     inputs={"model": (apply, 0), "positive": (pos, 0), "latent_image": (latent, 0)})
+    w.node("PreviewImage", (1150, 60), (420, 300), inputs={"images": (preview, 0)}, title="P(teacher) per jump")
+    w.node("PreviewImage", (1150, 400), (420, 420), inputs={"images": (preview, 2)}, title="Where D looks, per frame")
+    w.note((20, 480), "Which steps and frames does the student still get wrong?\n\n"
+           "Pick a run of an adversarial stage (it saved a discriminator), apply its student to a base, and queue. "
+           "Per jump the plot shows D's probability that the jump is the teacher's: for the student's jump (blue) "
+           "and for the teacher's own jump from the same noisy latent (orange). Close bars = the student has "
+           "caught up at that step. The saliency frames show in red where D's decision comes from.",
+           size=(720, 220))
+    return w
+
+
+WORKFLOWS.update({"distill_quickstart": distill_quickstart, "distill_progressive": distill_progressive,
+                  "discriminator_preview": discriminator_preview})
+
+
 def main() -> None:
     for name, build in WORKFLOWS.items():
         print(build().save(name))
