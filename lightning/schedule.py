@@ -138,7 +138,7 @@ def timesteps(steps: int, spacing: str = "trailing") -> torch.Tensor:
 
 def trailing_timesteps(steps: int) -> list[int]:
     """The trailing grid as Python ints (999, 749, 499, 249 for 4 steps), for code that must not read tensors back."""
-    _check_steps(steps)
+    check_steps(steps)
     ratio = NUM_TRAIN_TIMESTEPS / steps
     # numpy's arange with a float step, rounded half-to-even as numpy does
     return [round(NUM_TRAIN_TIMESTEPS - i * ratio) - 1 for i in range(steps)]

@@ -16,7 +16,7 @@ from torch import nn
 from training.sd15_unet import UNetCalls
 
 VIDEO_LENGTH_KEY = "adl_video_length"
-OPTIONS_KEY = "adl_motion"
+OPTIONS_KEY = "adl_motion_options"  # nodes/keys.py MOTION_OPTIONS
 
 
 class ResBlock(nn.Module):

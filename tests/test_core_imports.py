@@ -102,8 +102,6 @@ TRAINING_MODULES = sorted(p.stem for p in (REPO / "training").glob("*.py")
                           if p.stem not in ("__init__", "__main__", "comfy_backend", "sd15_setup"))
 
 
-@pytest.mark.xfail(reason="modules of training/ written before the _core rule still `import lightning` "
-                          "absolutely; they pass once rewritten to `from ._core import core`", strict=False)
 def test_every_training_module_imports_in_the_pack_beside_a_foreign_lightning(foreign, tmp_path):
     custom_nodes = _pack(tmp_path)
     result = _python(f"""

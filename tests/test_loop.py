@@ -313,9 +313,6 @@ def test_one_iteration_traces_under_fake_tensor_mode(kind):
     assert figures and all(is_fake(v) and v.ndim == 0 for v in figures.values())
 
 
-@pytest.mark.xfail(strict=True, raises=DataDependentOutputException,
-                   reason="the toy base's per_clip() checks its timesteps with torch.equal, a read-back that fake "
-                          "tensors refuse (lightning/toy/world.py; owned by the toy world)")
 @pytest.mark.parametrize("kind", ["mse", "conditional"])
 def test_one_toy_iteration_traces_under_fake_tensor_mode(kind):
     from lightning.toy import demo

@@ -24,7 +24,8 @@ import time
 import numpy as np
 import torch
 
-from lightning.errors import LightningError
+from ._core import core
+LightningError = core("errors").LightningError
 
 from . import config as config_module
 from . import distributed

@@ -118,11 +118,11 @@ def import_comfy(device: str = "auto") -> types.SimpleNamespace:
 def unet_calls(device: str = "auto") -> UNetCalls:
     """ComfyUI's UNet stage dispatcher and timestep features, and the Apply node's motion handler."""
     c = import_comfy(device)
-    mp = c.motion_patch
+    keys = pack_module("nodes.keys")
     return UNetCalls(forward_timestep_embed=c.openaimodel.forward_timestep_embed,
                      timestep_embedding=lambda t, dim: c.util.timestep_embedding(t, dim, repeat_only=False),
-                     motion_handler=mp.forward_motion, video_length_key=mp.VIDEO_LENGTH_KEY,
-                     motion_options_key=mp.OPTIONS_KEY)
+                     motion_handler=c.motion_patch.forward_motion, video_length_key=keys.VIDEO_LENGTH,
+                     motion_options_key=keys.MOTION_OPTIONS)
 
 
 # --- checkpoint headers (no ComfyUI, no weights) ----------------------------------------------------------

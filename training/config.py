@@ -17,7 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from lightning.errors import InvalidInputError
+from ._core import core
+InvalidInputError = core("errors").InvalidInputError
 
 try:
     import tomllib

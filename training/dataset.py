@@ -43,9 +43,13 @@ from pathlib import Path
 
 import torch
 
-from lightning.errors import (PROBLEM_MISSING_FILE, PROBLEM_UNREADABLE, InvalidInputError, LightningError,
-                              ModelFileError)
-from lightning.files import atomic_output
+from ._core import core
+PROBLEM_MISSING_FILE = core("errors").PROBLEM_MISSING_FILE
+PROBLEM_UNREADABLE = core("errors").PROBLEM_UNREADABLE
+InvalidInputError = core("errors").InvalidInputError
+LightningError = core("errors").LightningError
+ModelFileError = core("errors").ModelFileError
+atomic_output = core("files").atomic_output
 
 log = logging.getLogger(__name__)
 

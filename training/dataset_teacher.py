@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lightning.errors import InvalidInputError
+from ._core import core
+InvalidInputError = core("errors").InvalidInputError
 
 from .dataset import (VAE_FACTOR, BuildReport, CacheWriter, _encode_one, as_bases, check_sizes,
                       complete_conditioning)

@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning.errors import InvalidInputError
-from lightning.opencv import require_cv2
-from lightning.frames import image_files, natural_key, read_image
+from ._core import core
+InvalidInputError = core("errors").InvalidInputError
+require_cv2 = core("opencv").require_cv2
+image_files = core("frames").image_files
+natural_key = core("frames").natural_key
+read_image = core("frames").read_image
 
 from .dataset import (BuildReport, CacheWriter, _describe, _encode_one, as_bases, check_sizes, complete_conditioning,
                       source_key)

@@ -40,10 +40,13 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from lightning import distill
-from lightning.distill import Lane, Phase, Stage
-from lightning.errors import InvalidInputError
-from lightning.motion_module import TemporalTransformer
+from ._core import core
+distill = core("distill")
+Lane = core("distill").Lane
+Phase = core("distill").Phase
+Stage = core("distill").Stage
+InvalidInputError = core("errors").InvalidInputError
+TemporalTransformer = core("motion_module").TemporalTransformer
 
 from .config import Config
 from .placement import Placement, resolve_device

@@ -48,9 +48,13 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch._subclasses import FakeTensorMode
 
-from lightning import distill, sampling, schedule
-from lightning.errors import InvalidInputError, LightningError
-from lightning.motion_module import MotionModuleSet
+from ._core import core
+distill = core("distill")
+sampling = core("sampling")
+schedule = core("schedule")
+InvalidInputError = core("errors").InvalidInputError
+LightningError = core("errors").LightningError
+MotionModuleSet = core("motion_module").MotionModuleSet
 
 from . import sd15_standin
 
@@ -417,7 +421,7 @@ def _standin_parts(spec: StandIn, settings: PlanSettings, geometry: Geometry, ph
                 backbone.gradient_checkpointing = settings.d_checkpointing
                 down = 2 ** (len(spec.channel_mult) - 1)  # the UNet halves the latent at every level but the last
                 feature = (geometry.frames, -(-geometry.height // down), -(-geometry.width // down))
-                from lightning.discriminator import FlowDiscriminator
+                FlowDiscriminator = core("discriminator").FlowDiscriminator
                 disc = FlowDiscriminator(backbone, num_bases=settings.bases, feature_size=feature,
                                          conditional=phase_kind == distill.CONDITIONAL)
                 set_discriminator_trainability(disc, settings.d_trainable, dtype)
@@ -803,7 +807,7 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
 def _dataset_geometry(config) -> Geometry:
     data = getattr(config, "data", None)
     path = getattr(data, "dataset", "") if data is not None else ""
-    if path and importlib.util.find_spec("training.dataset") is not None:
+    if path:
         from . import dataset as dataset_module
         ds = dataset_module.LatentDataset(path)
         return Geometry(ds.frames, ds.height, ds.width)
@@ -828,21 +832,9 @@ def register_cli(subparsers) -> None:
 
 
 def _load_config(path: str, overrides: list[str]):
-    if importlib.util.find_spec("training.config") is not None:
-        from . import config as config_module
-        for name in ("load", "load_config"):
-            loader = getattr(config_module, name, None)
-            if loader is not None:
-                try:
-                    return loader(path, overrides=overrides), []
-                except TypeError:
-                    return loader(path, overrides), []
-    import tomllib
+    from . import config as config_module
 
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    sections = {name: type(name, (), dict(values)) for name, values in raw.items() if isinstance(values, dict)}
-    return type("Config", (), sections), overrides
+    return config_module.load(path, overrides), []
 
 
 def run_cli(args) -> int:

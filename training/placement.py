@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from lightning.errors import InvalidInputError
+from ._core import core
+InvalidInputError = core("errors").InvalidInputError
 
 log = logging.getLogger(__name__)
 

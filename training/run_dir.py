@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning.checkpoints import METADATA_PREFIX, save_motion_module
-from lightning.errors import InvalidInputError
-from lightning.files import atomic_output
-from lightning.motion_module import MotionModuleSet
+from ._core import core
+METADATA_PREFIX = core("checkpoints").METADATA_PREFIX
+save_motion_module = core("checkpoints").save_motion_module
+InvalidInputError = core("errors").InvalidInputError
+atomic_output = core("files").atomic_output
+MotionModuleSet = core("motion_module").MotionModuleSet
 
 from . import config as config_module
 from .config import Config

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning.motion_module import MotionModuleSet
+from ._core import core
+MotionModuleSet = core("motion_module").MotionModuleSet
 
 SD15 = {"model_channels": 320, "channel_mult": (1, 2, 4, 4), "context_dim": 768, "heads": 8, "groups": 32}
 

@@ -12,13 +12,14 @@ import torch
 
 from .config import Config
 from .loop import Setup
+from ._core import core
 
 DEFAULT_STYLES = (0, 1, 2)
 
 
 def build(config: Config, *, materialize: bool = True) -> Setup:
     """The toy setup for ``config``; ``materialize=False`` puts every module on the meta device (no weights)."""
-    from lightning.toy import demo
+    demo = core("toy.demo")
 
     styles = tuple(int(s) for s in config.model.bases) or DEFAULT_STYLES
     demo_config = demo.DemoConfig(seed=config.run.seed, seen_styles=styles, held_out_styles=())

@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning import distill, metrics, sampling, schedule
-from lightning.files import atomic_output
+from ._core import core
+distill = core("distill")
+metrics = core("metrics")
+sampling = core("sampling")
+schedule = core("schedule")
+atomic_output = core("files").atomic_output
 
 log = logging.getLogger(__name__)
 
