@@ -99,11 +99,11 @@ TRAINING_DATASET = NodeSpec(
            tooltip="Dataset seed: each teacher clip's seed is derived from it, its base and its number."),
         In("name", "STRING", default="my_dataset",
            tooltip="Folder name under models/adlightning_datasets; the same name extends the same cache."),
-        In("stride", "INT", default=1, min=1, max=16, step=1, optional=True, advanced=True,
+        In("stride", "INT", default=1, min=1, max=16, step=1, optional=True,
            tooltip="videos source: take every n-th frame of the video."),
-        In("clips_per_video", "INT", default=1, min=0, max=1000, step=1, optional=True, advanced=True,
+        In("clips_per_video", "INT", default=1, min=0, max=1000, step=1, optional=True,
            tooltip="videos source: clips cut from each video, spread over its length (0: as many as fit)."),
-        In("teacher_steps", "INT", default=0, min=0, max=200, step=1, optional=True, advanced=True,
+        In("teacher_steps", "INT", default=0, min=0, max=200, step=1, optional=True,
            tooltip="teacher source: sampling steps of the teacher; 0 is the paper's 32 (DPM++ 2M, CFG 7.5). "
                    "Fewer steps make rougher clips; only for quick trials."),
     ),
@@ -153,7 +153,7 @@ DISTILL_STAGE = NodeSpec(
         In("discriminator", "COMBO", options=TRAINABILITY, default="full", optional=True,
            tooltip="full: the whole discriminator trains (paper). light: only its motion modules, time/index "
                    "embeddings and head (fits 12 GB cards)."),
-        In("resident_bases", "COMBO", options=RESIDENT, default="auto", optional=True, advanced=True,
+        In("resident_bases", "COMBO", options=RESIDENT, default="auto", optional=True,
            tooltip="auto: keep every base on the device when they fit, else one at a time. one: swap bases "
                    "through CPU memory (slower, less memory)."),
         In("save_every", "INT", default=50, min=1, max=100000, step=1, optional=True,
@@ -164,11 +164,11 @@ DISTILL_STAGE = NodeSpec(
                    "at the end of the run."),
         In("validation_prompts", "STRING", default="a cat walking on a wall", optional=True,
            tooltip="One prompt per line, sampled on every base at validation."),
-        In("mse_only", "BOOLEAN", default=False, optional=True, advanced=True,
+        In("mse_only", "BOOLEAN", default=False, optional=True,
            tooltip="Ablation: train adversarial stages with the MSE against the teacher's jump only (no "
                    "discriminator; both phases' iterations as one MSE phase). Cheaper, and blurrier at 2 and 1 "
                    "steps."),
-        In("memory_budget_gb", "FLOAT", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True, advanced=True,
+        In("memory_budget_gb", "FLOAT", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
            tooltip="0: the device's free memory. Otherwise the plan must fit in this many GB (to leave room for "
                    "other programs)."),
     ),
