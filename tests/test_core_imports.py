@@ -1,4 +1,4 @@
-"""PyTorch Lightning's top-level ``lightning`` package must not shadow this pack's core (issue 12, item 5).
+"""PyTorch Lightning's top-level ``lightning`` package must not shadow this pack's core (a training environment often has it).
 
 A stand-in package named ``lightning`` is put first on the path of a fresh interpreter; the CLI, ``training``'s
 modules and (in the ComfyUI layout, the repository imported as one package) the nodes must still reach our core.

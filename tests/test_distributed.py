@@ -1,4 +1,4 @@
-"""Distillation across ranks (issue 12): bases to ranks, trainables-only all-reduce, equivalence with one process.
+"""Distillation across ranks: bases to ranks, trainables-only all-reduce, equivalence with one process.
 
 The torchrun tests launch ``torch.distributed.run`` with 2 CPU ranks on gloo over 127.0.0.1 and compare with
 one process running every lane of the same tiny toy world.

@@ -1,4 +1,4 @@
-"""``python -m training run`` under torchrun (issue 12): a killed rank stops the job, resume and elastic restarts
+"""``python -m training run`` under torchrun: a killed rank stops the job, resume and elastic restarts
 continue it to the same student as a run that never stopped (2 gloo ranks on 127.0.0.1, the toy world)."""
 
 from __future__ import annotations

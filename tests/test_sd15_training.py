@@ -61,7 +61,7 @@ def test_base_runs_the_motion_module_at_the_apply_nodes_places_and_takes_it_out_
     reference = copy.deepcopy(unet)
     MotionInjection.for_module_set(teacher).inject(reference)
     options = {"patches": {"forward_timestep_embed_patch": [(TemporalTransformer, CALLS.motion_handler)]},
-               "adl_video_length": FRAMES, "adl_motion": {"scale": 1.0}}
+               "adl_video_length": FRAMES, "adl_motion_options": {"scale": 1.0}}
     expected = reference(x, t, cond.repeat_interleave(FRAMES, 0), options)
     assert torch.equal(eps, expected)
     # and the motion module matters: frames of a clip see each other

@@ -602,7 +602,7 @@ class MemoryPlan:
     geometry: Geometry
     settings: PlanSettings
     options_that_fit: list[FitOption] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
+    remarks: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -624,7 +624,7 @@ class MemoryPlan:
         if self.free_bytes is not None:
             verdict = "fits" if self.fits else "DOES NOT FIT"
             lines.append(f"free device memory {self.free_bytes / GiB:.2f} GiB: {verdict}")
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in self.remarks]
         if not self.fits:
             if self.options_that_fit:
                 lines.append("options that fit:")
@@ -792,12 +792,12 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
     spec = standin or StandIn()
     plan.model_source = ("stand-in SD1.5 UNet (training.sd15_standin: same parameters and block structure as "
                          "ComfyUI's)" if spec.full_size else f"stand-in UNet at reduced widths {spec.channels}")
-    plan.notes.append("the UNet traced is the stand-in, not ComfyUI's: same parameters and blocks, activations "
+    plan.remarks.append("the UNet traced is the stand-in, not ComfyUI's: same parameters and blocks, activations "
                       "may differ by a few per cent")
     if device == "cuda":
-        plan.notes.append("traced on CPU fake tensors; CUDA kernels' scratch space is inside the allocator margin")
+        plan.remarks.append("traced on CPU fake tensors; CUDA kernels' scratch space is inside the allocator margin")
     if settings.optimizer == "adam8bit":
-        plan.notes.append("8-bit Adam state is estimated (2 bytes/parameter), not traced")
+        plan.remarks.append("8-bit Adam state is estimated (2 bytes/parameter), not traced")
     if search and not plan.fits and free_bytes is not None:
         plan.options_that_fit = search_options(settings, geometry, free_bytes, device=device, standin=standin,
                                                free_measured=free_measured, worst_phase=plan.phase)

@@ -229,7 +229,7 @@ def _bases(w: Workflow, x: int, y: int, names=("toonyou_beta6.safetensors", "epi
 def distill_quickstart() -> Workflow:
     w = Workflow(scale=0.65)
     teacher = w.node("ADL_LoadMotionModule", (20, 60), (330, 100),
-                     widgets={"name": "animatediff_lightning_8step_comfyui.safetensors", "group_norm": "per_frame"},
+                     widgets={"name": "animatediff_lightning_8step_comfyui.safetensors", "group_norm": "per_frame", "lightning_steps": "auto"},
                      title="Teacher: the released 8-step module")
     bases = _bases(w, 20, 200)
     dataset = w.node("ADL_TrainingDataset", (380, 60), (360, 420),
@@ -248,7 +248,7 @@ def distill_quickstart() -> Workflow:
                  title="Negative prompt", color="#322")
     latent = w.node("EmptyLatentImage", (1240, 510), (330, 110), widgets={"width": 512, "height": 512, "batch_size": 16})
     reference = w.node("ADL_LoadMotionModule", (1240, 660), (330, 100),
-                       widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame"},
+                       widgets={"name": "animatediff_lightning_4step_comfyui.safetensors", "group_norm": "per_frame", "lightning_steps": "auto"},
                        title="Released 4-step module, for comparison")
     for row, (module, title) in enumerate(((stage, "Your student, 4 steps"), (reference, "Released 4-step"))):
         y = 60 + row * 420
@@ -277,7 +277,7 @@ def distill_quickstart() -> Workflow:
 def distill_progressive() -> Workflow:
     w = Workflow(scale=0.55)
     teacher = w.node("ADL_LoadMotionModule", (20, 60), (330, 100),
-                     widgets={"name": "mm_sd_v15_v2.ckpt", "group_norm": "per_frame"}, title="AnimateDiff v2 (teacher)")
+                     widgets={"name": "mm_sd_v15_v2.ckpt", "group_norm": "per_frame", "lightning_steps": "auto"}, title="AnimateDiff v2 (teacher)")
     bases = _bases(w, 20, 200)
     dataset = w.node("ADL_TrainingDataset", (20, 460), (360, 420),
                      widgets={"source": "teacher", "prompts": TRAIN_PROMPTS, "video_folder": "training_videos",
@@ -294,7 +294,7 @@ def distill_progressive() -> Workflow:
         stage = w.node("ADL_DistillStage", (x, 60), (440, 720),
                        widgets=_stage_widgets(stage_name, 500, f"my_lightning_s{i + 1}", validate_every=100),
                        inputs={"teacher": (previous, 0), "bases": (bases, 0), "dataset": (dataset, 0)},
-                       title=f"Stage {stage_name}")
+                       title=("First", "Second", "Third")[i] + " stage")
         apply = w.node("ADL_ApplyMotionModule", (x, 820), (300, 100), widgets={"scale": 1.0},
                        inputs={"model": (ckpt, 0), "motion_module": (stage, 0)}, title=f"{steps}-step student")
         sampler = w.node("ADL_LightningSampler", (x, 960), (300, 240),
@@ -303,7 +303,7 @@ def distill_progressive() -> Workflow:
                                  "latent_image": (latent, 0)})
         decode = w.node("VAEDecode", (x, 1240), (300, 50), inputs={"samples": (sampler, 0), "vae": (ckpt, 2)})
         w.node("PreviewImage", (x + 320, 820), (200, 400), inputs={"images": (decode, 0)},
-               title=f"After {stage_name}")
+               title=f"Student of the {('first', 'second', 'third')[i]} stage")
         previous = stage
     w.group("The paper's chain: 128 -> 32 -> 8 -> 4 -> 2 (here from 32 -> 8; each stage's student teaches the next)",
             (400, 0, 1580, 1320))
@@ -319,7 +319,7 @@ def discriminator_preview() -> Workflow:
     w = Workflow(scale=0.75)
     ckpt = w.node("CheckpointLoaderSimple", (20, 60), (330, 100), widgets={"ckpt_name": "toonyou_beta6.safetensors"})
     mm = w.node("ADL_LoadMotionModule", (20, 200), (330, 100),
-                widgets={"name": "my_lightning_4step.safetensors", "group_norm": "per_frame"}, title="Your student")
+                widgets={"name": "my_lightning_4step.safetensors", "group_norm": "per_frame", "lightning_steps": "auto"}, title="Your student")
     apply = w.node("ADL_ApplyMotionModule", (20, 340), (330, 100), widgets={"scale": 1.0},
                    inputs={"model": (ckpt, 0), "motion_module": (mm, 0)})
     pos = w.node("CLIPTextEncode", (380, 60), (360, 130), widgets={"text": PROMPT}, inputs={"clip": (ckpt, 1)},

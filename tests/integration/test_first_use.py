@@ -1,4 +1,4 @@
-"""Issue 13 in a real ComfyUI: what a first-time user stumbled on. A renamed Lightning module samples with steps 0
+"""In a real ComfyUI: what a first-time user stumbled on. A renamed Lightning module samples with steps 0
 once lightning_steps says its count; run-time warnings reach the browser's websocket once per run; the loader's
 schema tells the frontend which releases are not downloaded; offline, picking one fails at once."""
 

@@ -1,4 +1,4 @@
-"""Issue 10 on a real ComfyUI: distillation on SD1.5 lanes built from ComfyUI's own UNet.
+"""On a real ComfyUI: distillation on SD1.5 lanes built from ComfyUI's own UNet.
 
 Two different random full-size SD1.5 checkpoints are the two bases, 64x64 pixels, 8 frames, on the CPU:
 a teacher-generated dataset of 2 clips per base (the AnimateDiff teacher through our Apply Motion Module patch
