@@ -28,7 +28,7 @@ from comfy_api.v0_0_2 import io
 from . import training_specs as tspecs
 from ._core import core
 from ._training_imports import training
-from .motion_patch import KEY
+from .keys import MOTION as KEY
 from .training_nodes import _schema, run_path
 
 distill = core("distill")
