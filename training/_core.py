@@ -12,6 +12,12 @@ import importlib
 _PACKAGE_PREFIX = __package__.rpartition(".")[0] + "." if "." in (__package__ or "") else ""
 
 
+def pack_module(name: str):
+    """A module of this pack by its path in the repository (``nodes.placement``, ``training.dataset``), whether
+    the pack is imported as top-level packages (a checkout) or as one package inside ComfyUI's ``custom_nodes``."""
+    return importlib.import_module(_PACKAGE_PREFIX + name)
+
+
 def core(name: str):
     """``lightning.<name>`` of this pack, e.g. ``core("distill")``."""
-    return importlib.import_module(f"{_PACKAGE_PREFIX}lightning.{name}")
+    return pack_module(f"lightning.{name}")

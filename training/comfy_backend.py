@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sd15_unet import SD15Base, UNetCalls, UNetEncoderBackbone, pack_module
+from ._core import pack_module
+from .sd15_unet import SD15Base, UNetCalls, UNetEncoderBackbone
 
 errors = pack_module("lightning.errors")
 checkpoints_io = pack_module("lightning.checkpoints")

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from . import comfy_backend
-from .sd15_unet import SD15Base, middle_feature_size, pack_module
+from ._core import pack_module
+from .sd15_unet import SD15Base, middle_feature_size
 
 errors = pack_module("lightning.errors")
 discriminator_mod = pack_module("lightning.discriminator")

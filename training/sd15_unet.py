@@ -21,21 +21,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_PREFIX = __package__.rpartition(".")[0] + "." if "." in (__package__ or "") else ""
-
-
-def pack_module(name: str):
-    """A module of this pack (``nodes.placement``, ``lightning.errors``), whether the pack is imported as
-    top-level packages (a checkout) or as one package inside ComfyUI's ``custom_nodes``."""
-    return importlib.import_module(_PREFIX + name)
-
+from ._core import pack_module
 
 errors = pack_module("lightning.errors")
 placement = pack_module("nodes.placement")
