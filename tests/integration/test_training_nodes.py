@@ -19,17 +19,15 @@ import os
 import shutil
 import time
 import urllib.error
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_harness import ComfyServer, comfyui_path, fixture_dir
+from comfy_harness import ComfyServer, WebSocketListener, comfyui_path, fixture_dir
 from fixture_files import fixture_models
 from graphs import LIGHTNING_4STEP, SD15, SD2_UNET
-from ws_listener import Listener
 
 SEED1 = "sd15_random_seed1.safetensors"
 # The acceptance graph: two bases, an adversarial 8->4 stage of 1 + 1 iterations. On a crowded CPU one such
@@ -65,7 +63,7 @@ def server(tmp_path_factory):
     if cached and Path(cached).is_dir():
         shutil.copytree(cached, base / "models" / "adlightning_datasets" / f"{DATASET}_2")
     comfy.start()
-    listener = Listener("127.0.0.1", comfy.port, uuid.uuid4().hex)
+    listener = WebSocketListener(comfy)
     comfy.listener = listener
     yield comfy
     listener.close()
@@ -196,7 +194,7 @@ def test_quickstart_writes_a_student_that_loads_and_samples(server):
     run_folder = ui["adl_run"][0]
     assert run_folder.startswith("quick-")
     # live messages: one per iteration with its figures, validation, checkpoint, done
-    messages = [m["data"] for m in server.listener.messages[start:] if m.get("type") == "adl.training"]
+    messages = [data for _, kind, data in server.listener.messages[start:] if kind == "adl.training"]
     iterations = [m["record"] for m in messages if m["event"] == "iteration"]
     print("live iteration messages:", json.dumps(iterations))
     assert [r["iteration"] for r in iterations] == [1, 2]
@@ -232,10 +230,10 @@ def test_quickstart_writes_a_student_that_loads_and_samples(server):
 
 
 def _wait_iteration(server, start: int, run_name: str, iteration: int, timeout: float = 1800) -> None:
-    server.listener.wait_for(lambda m: m.get("type") == "adl.training" and m["data"]["event"] == "iteration"
-                             and m["data"]["run"].startswith(run_name + "-")
-                             and m["data"]["record"]["iteration"] == iteration
-                             and m in server.listener.messages[start:], timeout)
+    server.listener.wait_for(lambda t, kind, data: kind == "adl.training" and data["event"] == "iteration"
+                             and data["run"].startswith(run_name + "-")
+                             and data["record"]["iteration"] == iteration
+                             and (t, kind, data) in server.listener.messages[start:], timeout)
 
 
 # 8->4 with mse_only: one MSE phase of 2 x 2 = 4 iterations (the cheapest phase on a CPU: 2 teacher steps);
@@ -254,15 +252,15 @@ def test_interrupt_then_resume_latest_equals_an_uninterrupted_run(server):
     if CUT_AFTER:
         _wait_iteration(server, start, "cut", CUT_AFTER)
     else:
-        server.listener.wait_for(lambda m: m.get("type") == "adl.training" and m["data"]["event"] == "start"
-                                 and m["data"]["run"].startswith("cut-"), 3600)
+        server.listener.wait_for(lambda t, kind, data: kind == "adl.training" and data["event"] == "start"
+                                 and data["run"].startswith("cut-"), 3600)
     status, _ = server.post("/interrupt", {})  # arrives during iteration CUT_AFTER + 1
     assert status == 200
     entry = wait(server, prompt_id)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
-    cancelled = [m["data"] for m in server.listener.messages[start:]
-                 if m.get("type") == "adl.training" and m["data"]["event"] == "cancelled"]
+    cancelled = [data for _, kind, data in server.listener.messages[start:]
+                 if kind == "adl.training" and data["event"] == "cancelled"]
     assert cancelled and cancelled[0]["record"]["iteration"] == CUT_AFTER + 1, cancelled
     run_dir = server.base / "models" / "adlightning_runs" / cancelled[0]["run"]
     states = sorted((run_dir / "state").glob("iter-*.safetensors"))
