@@ -350,6 +350,40 @@ def test_run_stage_trains_the_student_against_a_frozen_teacher_with_fresh_discri
     assert torch.equal(result.teacher.weight, torch.zeros(2)) and not result.teacher.weight.requires_grad
 
 
+def test_a_trainer_lets_go_of_each_phases_discriminator_and_of_spent_gradients():
+    """A run folder trainer keeps one discriminator at a time and no gradients between iterations (on SD1.5
+    each is GBs: a second D plus its Adam state and stale gradients is what pushed a CPU run out of memory)."""
+    import gc
+    import weakref
+
+    made = []
+
+    def factory(conditional):
+        made.append(weakref.ref(d := Critic(conditional)))
+        return d
+
+    stage = distill.Stage(4, 2, (distill.adversarial_phase("conditional", 2, 1e-2),
+                                 distill.adversarial_phase("unconditional", 2, 1e-2)), extra_timesteps=(749, 249))
+    config = loop.Config()
+    config.run.device = "cpu"
+    config.stage.clips = config.stage.micro_batch = 2
+    config.checkpoint.every = config.validation.every = 0
+    student = Nudge(0.0)
+    setup = loop.Setup([make_lane(Base(0)), make_lane(Base(1))], student, None, factory, None, None)
+    trainer = loop.Trainer(setup, config, stage=stage)
+    trainer.prepare()
+    seen = []
+    while not trainer.finished:
+        while trainer.step < trainer.phase.iterations:
+            trainer.run_iteration()
+            seen.append([p.grad for p in list(student.parameters()) + list(trainer.discriminator.parameters())])
+        trainer.end_phase()
+        gc.collect()
+    assert all(g is None for grads in seen for g in grads)
+    assert len(made) == 2 and made[0]() is None  # D of the conditional phase is gone once D' exists
+    assert not trainer.discriminators
+
+
 def test_adversarial_stage_without_a_discriminator_factory_is_refused():
     with pytest.raises(InvalidInputError, match="make_discriminator"):
         loop.run_stage(distill.paper_stages()[1], [make_lane(Base())], Nudge())

@@ -270,6 +270,26 @@ def test_a_base_parked_on_a_cpu_only_run_drops_its_weights_and_reads_them_again(
     assert base.loaded
 
 
+def test_a_discriminator_backbone_copies_an_unloaded_base_without_keeping_it_loaded(unet):
+    """A rank that never runs base 0, or a CPU run holding one base at a time, builds D from base 0's weights
+    and must not keep base 0 in memory for the rest of the phase."""
+    loads = []
+
+    def load():
+        loads.append(1)
+        return copy.deepcopy(unet)
+
+    base = SD15Base(0, None, CALLS, load=load)
+    base.to(torch.float64)  # a conversion asked for before the weights were read applies to the copy too
+    backbone = comfy_backend.make_backbone(base, motion(1), trainable="light")
+    assert loads == [1] and not base.loaded
+    assert next(backbone.input_blocks.parameters()).dtype == torch.float64
+    base.ensure_loaded()
+    assert loads == [1, 1] and next(base.unet.parameters()).dtype == torch.float64
+    comfy_backend.make_backbone(base, motion(1))  # a loaded base is used as it is
+    assert loads == [1, 1]
+
+
 def test_teacher_skeleton_from_the_header_has_the_loaded_teachers_parameters(tmp_path):
     from lightning.testing.motion import write_motion_module
 

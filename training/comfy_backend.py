@@ -326,8 +326,9 @@ def meta_base(index: int, path, *, device: str = "auto") -> SD15Base:
 
 def make_backbone(base: SD15Base, teacher, *, trainable: str = "full") -> UNetEncoderBackbone:
     """A fresh discriminator backbone from ``base``'s UNet and the teacher's down/mid motion modules."""
-    unet = base.ensure_loaded()
-    return UNetEncoderBackbone(unet, teacher, base.calls, trainable=trainable)
+    # read_weights: a base that is not loaded stays unloaded (its copy is dropped once the backbone is built),
+    # so a rank that never runs base 0, or a CPU run that holds one base at a time, does not keep it
+    return UNetEncoderBackbone(base.read_weights(), teacher, base.calls, trainable=trainable)
 
 
 # --- the dataset builders' callables (CONTRACT 7) ---------------------------------------------------------

@@ -257,6 +257,7 @@ def train_iteration(stage: Stage, phase: Phase, lanes: Sequence[Lane], student: 
                 drawn.append(pair)
         pairs.append((lane, drawn))
     d_norm = _optimizer_step(disc_optimizer, _trainable(discriminator), **step)
+    disc_optimizer.zero_grad(set_to_none=True)  # D's gradients are spent: free them before the student's pass
 
     # 2) the student: fool the updated discriminator on the same pairs (D's weights get no gradient here)
     optimizer.zero_grad(set_to_none=True)
@@ -317,7 +318,8 @@ class Trainer:
 
     def __init__(self, setup: Setup, config: Config, *, stage: Stage | None = None, run_dir=None,
                  hooks: Sequence[Hook] = (), generator: torch.Generator | None = None,
-                 placement: Placement | None = None, rank: int = 0, world_size: int = 1):
+                 placement: Placement | None = None, rank: int = 0, world_size: int = 1,
+                 keep_discriminators: bool = False):
         if not setup.lanes:
             raise InvalidInputError("a run needs at least one lane (a frozen base and its data)")
         indices = [lane.index for lane in setup.lanes]
@@ -347,6 +349,9 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.disc_optimizer: torch.optim.Optimizer | None = None
         self.scaler = None
+        # Each phase's discriminator is dropped when the next phase starts (on SD1.5 one is GBs with its Adam
+        # state); in-memory runs that inspect them afterwards (the toy demo, tests) ask to keep them.
+        self.keep_discriminators = keep_discriminators
         self.discriminators: dict[str, nn.Module] = {}
         self.history: list[dict] = []
         self.stop_requested = False
@@ -394,9 +399,10 @@ class Trainer:
         """Fresh optimiser(s) and, for an adversarial phase, a fresh discriminator (paper: new D every phase)."""
         phase = self.phase
         kind = self.config.stage.optimizer
+        # the previous phase's optimisers and discriminator go before the new ones are built, not after
+        self.optimizer = self.discriminator = self.disc_optimizer = None
         self.optimizer = make_optimizer(_trainable(self.student), phase, kind)
         self.scaler = self.placement.grad_scaler()
-        self.discriminator = self.disc_optimizer = None
         if phase.adversarial:
             disc = self.setup.make_discriminator(phase.kind == distill.CONDITIONAL)
             set_discriminator_trainable(disc, self.config.discriminator.trainable)
@@ -407,7 +413,8 @@ class Trainer:
             disc.train()
             self.discriminator = disc
             self.disc_optimizer = make_optimizer(_trainable(disc), phase, kind)
-            self.discriminators[phase.kind] = disc
+            if self.keep_discriminators:
+                self.discriminators[phase.kind] = disc
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -424,6 +431,10 @@ class Trainer:
             sync_gradients=self.sync_gradients)
         if self.scaler is not None:
             self.scaler.update()
+        # spent gradients would otherwise sit beside the weights until the next iteration's zero_grad
+        for optimizer in (self.optimizer, self.disc_optimizer):
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.iteration += 1
         record = {"stage": self.stage.name, "phase": phase.kind, "step": self.step - 1,
@@ -551,7 +562,8 @@ def run_stage(stage: Stage, lanes: Sequence[Lane], student: nn.Module, *,
         config.checkpoint.every = config.validation.every = 0
     setup = Setup(list(lanes), student, teacher, make_discriminator, None, None)
     trainer = Trainer(setup, config, stage=stage,
-                      generator=generator if generator is not None else torch.Generator().manual_seed(0))
+                      generator=generator if generator is not None else torch.Generator().manual_seed(0),
+                      keep_discriminators=True)
     trainer.run(progress=callback)
     return StageResult(stage, trainer.teacher, trainer.discriminators, trainer.history)
 

@@ -38,6 +38,7 @@ atomic_output = core("files").atomic_output
 MotionModuleSet = core("motion_module").MotionModuleSet
 
 from . import config as config_module
+from . import state_file
 from .config import Config
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,12 @@ class RunDir:
         return files[-1] if files else None
 
     def save_state(self, trainer) -> Path:
-        from safetensors.torch import save_file
-
         tensors, meta = capture_state(trainer)
         path = self.state_dir / f"iter-{trainer.iteration:08d}.safetensors"
         with atomic_output(path) as temporary:
-            save_file(tensors, os.fspath(temporary), metadata={STATE_KEY: json.dumps(meta)})
+            # streamed: one host copy at a time, not a second copy of the whole state (several GB on SD1.5)
+            state_file.write(temporary, tensors, metadata={STATE_KEY: json.dumps(meta)})
+        del tensors
         for old in self.state_files()[:-trainer.config.checkpoint.keep]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
@@ -180,8 +181,9 @@ class RunDir:
 # -- capture / restore -----------------------------------------------------------------------------------
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
-    # a private contiguous copy: safetensors refuses shared or strided storage
-    return tensor.detach().to("cpu", copy=True).contiguous()
+    # no copy here: the state is written between iterations, while nothing changes the tensors, and
+    # ``state_file.write`` copies them to the host one at a time
+    return tensor.detach()
 
 
 def _optimizer_tensors(prefix: str, optimizer, tensors: dict) -> dict:

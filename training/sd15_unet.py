@@ -122,12 +122,20 @@ class SD15Base(nn.Module):
 
     def ensure_loaded(self) -> nn.Module:
         if self.unet is None:
-            unet = self._load()
-            for fn in self._pending:
-                unet._apply(fn)
+            unet = self.read_weights()
             self._pending.clear()
             self._set_unet(unet)
         return self.unet
+
+    def read_weights(self) -> nn.Module:
+        """The UNet as this base would hold it, without keeping it: for a one-off copy (the discriminator's
+        backbone) from a base that is not loaded - a rank that does not run this lane, or a parked base."""
+        if self.unet is not None:
+            return self.unet
+        unet = self._load()
+        for fn in self._pending:
+            unet._apply(fn)
+        return unet
 
     def unload(self) -> None:
         """Drop the weights (they are read again on next use); only for a base built with a loader."""
