@@ -245,7 +245,8 @@ def train_iteration(stage: Stage, phase: Phase, lanes: Sequence[Lane], student: 
             for n in sizes:
                 pair = draw(lane, n)
                 with placement.autocast():
-                    fake = distill.student_jump(lane.base, student, pair).detach()
+                    with torch.no_grad():  # D's fake sample: no graph is kept for it (the G pass builds its own)
+                        fake = distill.student_jump(lane.base, student, pair)
                     real_logits = distill.discriminate(discriminator, pair, pair.teacher, conditional)
                     fake_logits = distill.discriminate(discriminator, pair, fake, conditional)
                 loss = distill.discriminator_loss(real_logits.float(), fake_logits.float()) * (n / clips / total)

@@ -20,16 +20,12 @@ How it works (read top to bottom):
 Traced on real CPU tensors the same way, the tracker agreed with the CPU allocator's peak within 5%
 (``tests/test_memory.py`` checks 20% at three sizes, ``benchmarks/bench_memory_plan.py`` prints the ratio).
 
-The SD1.5 UNet traced is a stand-in with SD1.5's exact parameters and block structure
-(:mod:`training.sd15_standin`), not ComfyUI's UNet the run trains (tracing that one needs the loop's
-``train_iteration`` on a ``training.sd15_setup`` Setup built with ``materialize=False``: the next step); the
-plan's table says so.
-
-Until the loop's ``train_iteration`` is wired in, the iteration traced is :func:`plan_iteration`, which keeps
-that function's order: per lane and micro-batch the teacher's n Euler steps (no gradients, with the stage's
-CFG) and the student's jump; MSE: the loss's backward per chunk; adversarial: D's loss backward per chunk (the
-student's jump detached), D's step, then for every chunk the student's jump again and the generator loss's
-backward through the frozen D into the student; gradient clipping and the student's step.
+The iteration traced is the loop's own :func:`training.loop.train_iteration` (see :func:`plan_iteration`),
+on synthetic data of the dataset's shapes: per lane and micro-batch the teacher's n Euler steps without
+gradients, the student's jump and its backward (MSE), or D's pass, D's step and the student's pass through the
+updated D (adversarial), gradient clipping and the steps. The SD1.5 UNet traced is a stand-in with SD1.5's
+exact parameters and block structure (:mod:`training.sd15_standin`), so a plan needs no ComfyUI; the plan's
+table says so.
 """
 
 from __future__ import annotations
@@ -50,8 +46,6 @@ from torch._subclasses import FakeTensorMode
 
 from ._core import core
 distill = core("distill")
-sampling = core("sampling")
-schedule = core("schedule")
 InvalidInputError = core("errors").InvalidInputError
 LightningError = core("errors").LightningError
 MotionModuleSet = core("motion_module").MotionModuleSet
@@ -451,11 +445,13 @@ def set_discriminator_trainability(disc: nn.Module, trainable: str, frozen_dtype
                 param.data = param.data.to(frozen_dtype)
 
 
-def make_optimizers_for(settings: PlanSettings, device: str):
-    """Adam per trainable model (student first, then D), in the implementation the device uses by default
-    (for-loop on CPU, foreach on CUDA: foreach adds a temporary of the trainable size at the step).
-    ``adam8bit`` is traced as a stateless SGD step; its 2 bytes/parameter are added by hand."""
-    foreach = device != "cpu"
+def make_optimizers_for(settings: PlanSettings, device: str, phase_kind: str = distill.MSE):
+    """The loop's optimiser per trainable model (student first, then D): ``training.loop.make_optimizer``, so
+    the state traced is the state the run keeps. ``adam8bit`` is traced as a stateless SGD step (its CUDA
+    kernels cannot run on fake tensors); its 2 bytes/parameter are added by hand."""
+    from . import loop
+
+    phase = _phase_of(settings.stage_spec(), phase_kind)
 
     def make(modules):
         optimizers = []
@@ -464,102 +460,78 @@ def make_optimizers_for(settings: PlanSettings, device: str):
                 continue
             params = [p for p in modules[name].parameters() if p.requires_grad]
             if settings.optimizer == "adam8bit":
-                optimizers.append(torch.optim.SGD(params, lr=1e-6, foreach=foreach))
+                optimizers.append(torch.optim.SGD(params, lr=phase.lr, foreach=False))
             else:
-                optimizers.append(torch.optim.Adam(params, lr=1e-6, foreach=foreach))
+                optimizers.append(loop.make_optimizer(params, phase, settings.optimizer))
         return optimizers
 
     return make
 
 
+def _phase_of(stage: distill.Stage, phase_kind: str) -> distill.Phase:
+    for phase in stage.phases:
+        if phase.kind == phase_kind:
+            return phase
+    raise InvalidInputError(f"stage {stage.name} has no {phase_kind!r} phase "
+                            f"(its phases: {[p.kind for p in stage.phases]})")
+
+
+class _TracePlacement:
+    """The loop's :class:`~training.placement.Placement` for a trace: modules stay where the tracer put them
+    (fake CPU storage, one per resident base) and forward passes autocast to the planned device's compute
+    dtype, so a bf16 GPU run is traced on the CPU with bf16 activations."""
+
+    def __init__(self, dtype: torch.dtype):
+        from .placement import Placement
+
+        self._inner = Placement("cpu", "fp32", "all")
+        self.device = self._inner.device
+        self.dtype = dtype
+
+    def lane(self, base):
+        return self._inner.lane(base)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=self.dtype)
+
+
+def _synthetic_data(geometry: Geometry, cfg: float, tokens: int, context_dim: int):
+    """A lane's ``data(n, generator)`` with the dataset's shapes: latents, prompt and (CFG) empty-prompt
+    conditioning. Values never matter to memory."""
+    def data(n: int, generator: torch.Generator):
+        latents = torch.randn(n * geometry.frames, 4, geometry.height, geometry.width, generator=generator)
+        cond = torch.randn(n, tokens, context_dim, generator=generator)
+        uncond = torch.randn(n, tokens, context_dim, generator=generator) if cfg != 1.0 else None
+        return latents, cond, uncond
+    return data
+
+
 def plan_iteration(settings: PlanSettings, geometry: Geometry, phase_kind: str, device: str, *,
                    tokens: int = SD15_TOKENS, context_dim: int = SD15_CONTEXT):
-    """One training iteration over ``lightning.distill``'s pieces, written so that it can run on fake tensors.
+    """``iteration(modules, optimizers)``: one call of the loop's own :func:`training.loop.train_iteration`
+    over ``settings.bases`` lanes on the resident bases, then the gradient release the trainer does after
+    every iteration. What is traced is what the run executes, not a description of it."""
+    from . import loop
 
-    Start timesteps are the noisiest of the student's grid, so the teacher takes all its n steps (worst case);
-    the values never matter, the tensors' sizes and lifetimes do.
-    """
     stage = settings.stage_spec()
-    start = distill.student_timesteps(stage)[0]
-    steps = distill.teacher_timesteps(stage, start)
-    sigmas = distill.sigma_at(torch.tensor(steps)).tolist()  # Python floats, fixed before any fake tensor
-    dtype = settings.compute_dtype(device)
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
-    chunks = [(lane, min(settings.micro_batch, settings.clips - first))
-              for lane in range(settings.bases) for first in range(0, settings.clips, settings.micro_batch)]
-    adversarial = phase_kind != distill.MSE
-    conditional = phase_kind == distill.CONDITIONAL
-    cfg = stage.cfg
-    frames = geometry.frames
-
-    def draw(base, clips, lane):
-        """x_t, cond and the teacher's n Euler steps (no gradients), as ``distill.draw_pair`` makes them."""
-        rows = clips * frames
-        x = torch.randn(rows, 4, geometry.height, geometry.width)
-        cond = torch.randn(clips, tokens, context_dim)
-        uncond = torch.randn(clips, tokens, context_dim) if cfg != 1.0 else None
-        target = x
-        with torch.no_grad(), autocast():
-            denoiser = distill.denoiser_for(base, teacher_of[0])
-            for k in range(stage.n):
-                if steps[k] < 0:
-                    break
-                x_in = schedule.scale_model_input(target, sigmas[k])
-                t = torch.full((rows,), float(max(steps[k], 0)))
-                eps = sampling.guided_eps(denoiser, x_in, t, cond, uncond, cfg)
-                target = sampling.move(target, eps.float(), sigmas[k], sigmas[k + 1])
-        return distill.Pair(x, torch.full((clips,), start), torch.full((clips,), steps[-1]), target, cond, lane,
-                           frames)
-
-    teacher_of = [None]
-
-    def step(optimizer, params):
-        if settings.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=device != "cpu")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    phase = _phase_of(stage, phase_kind)
+    placement = _TracePlacement(settings.compute_dtype(device))
+    data = _synthetic_data(geometry, stage.cfg, tokens, context_dim)
 
     def iteration(modules, optimizers):
-        # The order of training.loop.train_iteration: MSE backward per chunk; adversarial: D's pass over every
-        # chunk (student jump detached), D's step, then the student's jump again through the updated D.
-        student, teacher_of[0] = modules["student"], modules["teacher"]
-        disc = modules.get("discriminator")
         resident = [m for k, m in modules.items() if k.startswith("base")]
-        trainable = [p for p in student.parameters() if p.requires_grad]
-        scale = 1.0 / len(chunks)
-        if not adversarial:
-            for lane, clips in chunks:
-                base = resident[lane % len(resident)]
-                pair = draw(base, clips, lane)
-                with autocast():
-                    pair.student = distill.student_jump(base, student, pair)
-                (distill.mse_loss(pair.student.float(), pair.teacher.float()) * scale).backward()
-            step(optimizers[0], trainable)
-            return
-        pairs = []
-        for lane, clips in chunks:
-            base = resident[lane % len(resident)]
-            pair = draw(base, clips, lane)
-            # no_grad: the loop builds this jump's graph and drops it at once (.detach()); its transient is
-            # below the G pass's (student graph + D graph), and under the tracker hooks would keep it alive.
-            with torch.no_grad(), autocast():
-                fake = distill.student_jump(base, student, pair)
-            with autocast():
-                real_logits = distill.discriminate(disc, pair, pair.teacher, conditional)
-                fake_logits = distill.discriminate(disc, pair, fake, conditional)
-            (distill.discriminator_loss(real_logits.float(), fake_logits.float()) * scale).backward()
-            pairs.append((base, pair))
-        step(optimizers[1], [p for p in disc.parameters() if p.requires_grad])
-        flags = [p.requires_grad for p in disc.parameters()]
-        disc.requires_grad_(False)
-        for base, pair in pairs:
-            with autocast():
-                pair.student = distill.student_jump(base, student, pair)
-                logits = distill.discriminate(disc, pair, pair.student, conditional)
-            (distill.generator_loss(logits.float()) * scale).backward()
-        for p, flag in zip(disc.parameters(), flags):
-            p.requires_grad_(flag)
-        step(optimizers[0], trainable)
+        # with one resident base every lane runs on it in turn, as swapped bases do on the device
+        lanes = [distill.Lane(resident[i % len(resident)], data, geometry.frames) for i in range(settings.bases)]
+        disc = modules.get("discriminator")
+        loop.train_iteration(stage, phase, lanes, modules["student"], modules["teacher"], optimizers[0],
+                             generator=torch.Generator().manual_seed(0), clips=settings.clips,
+                             micro_batch=min(settings.micro_batch, settings.clips), discriminator=disc,
+                             disc_optimizer=optimizers[1] if disc is not None else None, placement=placement,
+                             total_bases=settings.bases, grad_clip=settings.grad_clip)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     return iteration
 
@@ -569,7 +541,8 @@ def plan_pieces(settings: PlanSettings, geometry: Geometry, phase_kind: str, dev
     """(build, make_optimizers, iteration) for one phase, on the stand-in UNet: what is traced, and what
     :func:`measure_real_peak` runs for real in the checks."""
     spec = standin or StandIn()
-    return (_standin_parts(spec, settings, geometry, phase_kind, device), make_optimizers_for(settings, device),
+    return (_standin_parts(spec, settings, geometry, phase_kind, device),
+            make_optimizers_for(settings, device, phase_kind),
             plan_iteration(settings, geometry, phase_kind, device, tokens=spec.tokens, context_dim=spec.context_dim))
 
 
