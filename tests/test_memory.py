@@ -102,3 +102,22 @@ def test_overrides_parse_and_name_their_config_keys():
     assert s.override_string("d_trainable") == "discriminator.trainable=full"
     with pytest.raises(memory.InvalidInputError, match="stage.micro_batch"):
         s.with_override("stage.batch=3")
+
+
+def test_without_comfyui_or_readable_files_the_plan_says_why_it_traces_the_stand_in(tmp_path, monkeypatch):
+    from training import config as cfg
+
+    config = cfg.Config()
+    assert memory.ComfyModels.from_config(config, "cpu") == (None, "no model.bases / model.teacher to read")
+    config.model.bases = [str(tmp_path / "a.safetensors")]
+    config.model.teacher = str(tmp_path / "mm.ckpt")
+    models, why = memory.ComfyModels.from_config(config, "cpu")
+    assert models is None and "mm.ckpt is not a .safetensors file" in why
+    config.model.teacher = str(tmp_path / "mm.safetensors")
+    models, why = memory.ComfyModels.from_config(config, "cpu")
+    assert models is None and why == f"{tmp_path / 'a.safetensors'} does not exist"
+    for name in ("a.safetensors", "mm.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    models, why = memory.ComfyModels.from_config(config, "cpu")
+    assert models is None and why.startswith("ComfyUI is not importable here")

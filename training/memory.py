@@ -37,6 +37,7 @@ import importlib.util
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -537,13 +538,86 @@ def plan_iteration(settings: PlanSettings, geometry: Geometry, phase_kind: str, 
 
 
 def plan_pieces(settings: PlanSettings, geometry: Geometry, phase_kind: str, device: str,
-                standin: StandIn | None = None):
-    """(build, make_optimizers, iteration) for one phase, on the stand-in UNet: what is traced, and what
-    :func:`measure_real_peak` runs for real in the checks."""
-    spec = standin or StandIn()
+                unet: "StandIn | ComfyModels | None" = None):
+    """(build, make_optimizers, iteration) for one phase: what is traced, and what :func:`measure_real_peak`
+    runs for real in the checks. ``unet``: ComfyUI's own UNet built from the run's files (:class:`ComfyModels`)
+    or the stand-in (:class:`StandIn`, the default)."""
+    if isinstance(unet, ComfyModels):
+        return (_comfy_parts(unet, settings, geometry, phase_kind, device),
+                make_optimizers_for(settings, device, phase_kind),
+                plan_iteration(settings, geometry, phase_kind, device))
+    spec = unet or StandIn()
     return (_standin_parts(spec, settings, geometry, phase_kind, device),
             make_optimizers_for(settings, device, phase_kind),
             plan_iteration(settings, geometry, phase_kind, device, tokens=spec.tokens, context_dim=spec.context_dim))
+
+
+@dataclasses.dataclass
+class ComfyModels:
+    """The run's own files, traced through the modules the run builds: ComfyUI's UNet on ``meta`` from each
+    checkpoint's header, the teacher's skeleton from its header, the discriminator from
+    ``training.sd15_setup`` (no weight is read)."""
+
+    bases: list[str]
+    teacher: str
+
+    @classmethod
+    def from_config(cls, config, device: str) -> "tuple[ComfyModels | None, str]":
+        """The config's files when ComfyUI can be imported and the files' headers can be read; else None and
+        why (the plan then traces the stand-in)."""
+        model = getattr(config, "model", None)
+        bases = [str(b) for b in getattr(model, "bases", []) or []]
+        teacher = str(getattr(model, "teacher", "") or "")
+        if not bases or not teacher:
+            return None, "no model.bases / model.teacher to read"
+        if not teacher.lower().endswith(".safetensors"):
+            return None, f"the teacher {Path(teacher).name} is not a .safetensors file (its header is needed)"
+        missing = [p for p in [*bases, teacher] if not Path(p).is_file()]
+        if missing:
+            return None, f"{missing[0]} does not exist"
+        try:
+            from . import comfy_backend
+
+            comfy_backend.import_comfy(device)
+        except (ImportError, LightningError) as error:
+            return None, f"ComfyUI is not importable here ({str(error).splitlines()[0][:120]})"
+        return cls(bases, teacher), ""
+
+
+def _comfy_parts(models: ComfyModels, settings: PlanSettings, geometry: Geometry, phase_kind: str, device: str):
+    """Modules on meta for one phase, built by the code the run uses (``training.sd15_setup``,
+    ``training.comfy_backend``, ``training.loop``): frozen bases in the compute dtype (as ComfyUI loads a UNet
+    for a GPU), the float32 teacher, the student, and D with the loop's trainability and checkpointing."""
+    from . import comfy_backend, loop, sd15_setup
+
+    dtype = settings.compute_dtype(device)
+
+    def build():
+        modules: dict[str, nn.Module] = {}
+        bases = []
+        for i in range(settings.resident_count()):
+            base = comfy_backend.meta_base(i, models.bases[i % len(models.bases)], device=device)
+            bases.append(base.to(dtype))
+            modules[f"base{i}"] = base
+        skeleton = comfy_backend.load_teacher(models.teacher, materialize=False)
+        student = sd15_setup.trainable_copy(skeleton)
+        loop.set_gradient_checkpointing(student, settings.checkpointing)
+        modules["student"] = student
+        modules["teacher"] = sd15_setup.frozen(skeleton)
+        if phase_kind != distill.MSE:
+            make = sd15_setup.discriminator_factory(
+                bases[0], modules["teacher"], num_bases=settings.bases, frames=geometry.frames,
+                latent_height=geometry.height, latent_width=geometry.width, trainable=settings.d_trainable)
+            disc = make(phase_kind == distill.CONDITIONAL)
+            loop.set_discriminator_trainable(disc, settings.d_trainable)
+            disc.backbone.gradient_checkpointing = settings.d_checkpointing
+            for parameter in disc.parameters():  # the placement keeps trainable weights in float32
+                if parameter.requires_grad:
+                    parameter.data = parameter.data.float()
+            modules["discriminator"] = disc
+        return modules
+
+    return build
 
 
 # --- 4. the plan --------------------------------------------------------------------------------------------
@@ -634,8 +708,8 @@ def _free_device_bytes(device: str, settings: PlanSettings) -> int | None:
     return torch.cuda.mem_get_info(index)[0]
 
 
-def _trace_phase(settings, geometry, phase_kind, device, standin) -> Trace:
-    return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, standin))
+def _trace_phase(settings, geometry, phase_kind, device, unet) -> Trace:
+    return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, unet))
 
 
 def _hand_lines(settings: PlanSettings, trace: Trace, device: str, free_measured: bool, trainable: int
@@ -650,20 +724,20 @@ def _hand_lines(settings: PlanSettings, trace: Trace, device: str, free_measured
     return lines
 
 
-def _trainable_count(settings: PlanSettings, geometry: Geometry, phase: str, device: str, standin: StandIn) -> int:
-    modules = plan_pieces(settings, geometry, phase, device, standin)[0]()
+def _trainable_count(settings: PlanSettings, geometry: Geometry, phase: str, device: str, unet: StandIn) -> int:
+    modules = plan_pieces(settings, geometry, phase, device, unet)[0]()
     return sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
 
 
-def _plan(settings: PlanSettings, geometry: Geometry, *, free_bytes, device, standin, free_measured,
+def _plan(settings: PlanSettings, geometry: Geometry, *, free_bytes, device, unet, free_measured,
           phases: Sequence[str] | None = None) -> MemoryPlan:
     stage = settings.stage_spec()
     kinds = list(dict.fromkeys(p.kind for p in stage.phases)) if phases is None else list(phases)
-    traces = {kind: _trace_phase(settings, geometry, kind, device, standin) for kind in kinds}
+    traces = {kind: _trace_phase(settings, geometry, kind, device, unet) for kind in kinds}
     worst = max(traces, key=lambda k: traces[k].peak_bytes)
     trace = traces[worst]
     extra = _hand_lines(settings, trace, device, free_measured,
-                        _trainable_count(settings, geometry, worst, device, standin)
+                        _trainable_count(settings, geometry, worst, device, unet)
                         if settings.optimizer == "adam8bit" else 0)
     breakdown = {**trace.breakdown, **extra}
     return MemoryPlan(peak_bytes=trace.peak_bytes + sum(extra.values()), breakdown=breakdown,
@@ -696,7 +770,7 @@ def candidate_changes(settings: PlanSettings, device: str) -> list[tuple[str, An
 
 
 def search_options(settings: PlanSettings, geometry: Geometry, free_bytes: int, *, device: str,
-                   standin: StandIn | None = None, free_measured: bool = False, worst_phase: str | None = None,
+                   unet: StandIn | None = None, free_measured: bool = False, worst_phase: str | None = None,
                    max_options: int = 4) -> list[FitOption]:
     """Options that fit: each single change that fits on its own, else the shortest run of the changes
     (in :func:`candidate_changes` order) that fits. Every candidate is traced, not guessed."""
@@ -705,7 +779,7 @@ def search_options(settings: PlanSettings, geometry: Geometry, free_bytes: int, 
     found: list[FitOption] = []
 
     def peak(s):
-        return _plan(s, geometry, free_bytes=free_bytes, device=device, standin=standin,
+        return _plan(s, geometry, free_bytes=free_bytes, device=device, unet=unet,
                      free_measured=free_measured, phases=phases).peak_bytes
 
     for field, value in changes:
@@ -746,7 +820,10 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
 
     ``free_bytes``: device memory available; default ``torch.cuda.mem_get_info`` on CUDA, None (no
     verdict) on CPU. ``geometry``: the clip size; default the dataset's (``data.dataset``).
-    ``standin`` picks the stand-in UNet's widths (tests); ``settings`` replaces what is read from ``config``.
+    The UNet traced is ComfyUI's own, built from ``model.bases`` and ``model.teacher`` on ``meta``, when
+    ComfyUI can be imported (a node, or the CLI in ComfyUI's Python); else the stand-in, and the plan says
+    why. ``standin`` forces the stand-in at given widths (tests); ``settings`` replaces what is read from
+    ``config``.
     """
     settings = settings or PlanSettings.from_config(config)
     if settings.kind != "sd15":
@@ -760,19 +837,27 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
     if free_bytes is None:
         free_bytes = _free_device_bytes(device, settings)
         free_measured = free_bytes is not None
-    plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, standin=standin,
+    unet: StandIn | ComfyModels | None = standin
+    why_standin = "a stand-in was asked for"
+    if unet is None:
+        unet, why_standin = ComfyModels.from_config(config, "cpu" if device == "cpu" else "auto")
+    plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, unet=unet,
                  free_measured=free_measured)
-    spec = standin or StandIn()
-    plan.model_source = ("stand-in SD1.5 UNet (training.sd15_standin: same parameters and block structure as "
-                         "ComfyUI's)" if spec.full_size else f"stand-in UNet at reduced widths {spec.channels}")
-    plan.remarks.append("the UNet traced is the stand-in, not ComfyUI's: same parameters and blocks, activations "
-                      "may differ by a few per cent")
+    if isinstance(unet, ComfyModels):
+        plan.model_source = (f"ComfyUI's SD1.5 UNet of {Path(unet.bases[0]).name}, the teacher "
+                             f"{Path(unet.teacher).name} and the run's discriminator, on meta from the files' headers")
+    else:
+        spec = unet or StandIn()
+        plan.model_source = ("stand-in SD1.5 UNet (training.sd15_standin: same parameters and block structure as "
+                             "ComfyUI's)" if spec.full_size else f"stand-in UNet at reduced widths {spec.channels}")
+        plan.remarks.append(f"the UNet traced is the stand-in, not ComfyUI's ({why_standin}): same parameters and "
+                            "blocks; activations differed from ComfyUI's UNet by up to 15% at 256x256")
     if device == "cuda":
         plan.remarks.append("traced on CPU fake tensors; CUDA kernels' scratch space is inside the allocator margin")
     if settings.optimizer == "adam8bit":
         plan.remarks.append("8-bit Adam state is estimated (2 bytes/parameter), not traced")
     if search and not plan.fits and free_bytes is not None:
-        plan.options_that_fit = search_options(settings, geometry, free_bytes, device=device, standin=standin,
+        plan.options_that_fit = search_options(settings, geometry, free_bytes, device=device, unet=unet,
                                                free_measured=free_measured, worst_phase=plan.phase)
     return plan
 
