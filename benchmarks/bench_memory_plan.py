@@ -11,6 +11,8 @@ The peer measurement: the same iteration at a small size is also run for real on
 from the profiler) and the ratio estimate / real peak printed.
 
     python benchmarks/bench_memory_plan.py [--sizes 256,384,512] [--frames 16]
+    COMFYUI_PATH=... <ComfyUI python> benchmarks/bench_memory_plan.py --checkpoint SD15.safetensors \
+        --motion-module MM.safetensors      # ComfyUI's own UNet, the teacher's header, the run's D
 """
 
 from __future__ import annotations
@@ -57,8 +59,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="256,384,512")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint", help="an SD1.5 checkpoint: trace ComfyUI's UNet built from its header "
+                        "(run in ComfyUI's Python with COMFYUI_PATH set); default the stand-in")
+    parser.add_argument("--motion-module", help="the teacher (.safetensors) to trace with --checkpoint")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    unet = None
+    if args.checkpoint:
+        unet = memory.ComfyModels([args.checkpoint, args.checkpoint], args.motion_module)
+    print("UNet traced:", "ComfyUI's, from " + args.checkpoint if unet else "the stand-in", flush=True)
 
     ratio, traced, real = peer_ratio()
     print(f"peer: adversarial iteration, stand-in at width 32, 4x128x128 on CPU: estimate {traced / 2**20:.1f} MiB, "
@@ -71,7 +80,7 @@ def main() -> int:
         for label, kind, changes in OPTIONS:
             settings = dataclasses.replace(BASE, **changes)
             start = time.perf_counter()
-            plan = memory._plan(settings, geometry, free_bytes=None, device="cuda", standin=None,
+            plan = memory._plan(settings, geometry, free_bytes=None, device="cuda", unet=unet,
                                 free_measured=False, phases=[kind])
             verdicts = " | ".join("fits" if plan.peak_bytes <= c * 1e9 else "–" for c in CARDS_GB)
             row = (f"| {label} | {geometry.label()} | {plan.traced_bytes / 2**30:.1f} | "
