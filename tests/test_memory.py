@@ -121,3 +121,20 @@ def test_without_comfyui_or_readable_files_the_plan_says_why_it_traces_the_stand
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     models, why = memory.ComfyModels.from_config(config, "cpu")
     assert models is None and why.startswith("ComfyUI is not importable here")
+
+
+def test_a_comfyui_trace_that_reads_tensor_values_falls_back_to_the_stand_in(monkeypatch):
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    def untraceable(*args, **kwargs):
+        def build():
+            raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+        return build
+
+    monkeypatch.setattr(memory.ComfyModels, "from_config",
+                        classmethod(lambda cls, config, device: (cls(["a"], "t"), "")))
+    monkeypatch.setattr(memory, "_comfy_parts", untraceable)
+    settings = memory.PlanSettings(stage="2->1", mse_only=True, device="cpu")
+    plan = memory.estimate(object(), geometry=memory.Geometry(2, 8, 8), settings=settings, search=False)
+    assert plan.model_source.startswith("stand-in")
+    assert any("reads tensor values" in r for r in plan.remarks)

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker, _MemRefType
 from torch._subclasses import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException
 
 from ._core import core
 distill = core("distill")
@@ -596,7 +597,9 @@ def _comfy_parts(models: ComfyModels, settings: PlanSettings, geometry: Geometry
         modules: dict[str, nn.Module] = {}
         bases = []
         for i in range(settings.resident_count()):
-            base = comfy_backend.meta_base(i, models.bases[i % len(models.bases)], device=device)
+            # "auto": a plan for a GPU may be made on a machine without one (ComfyUI then imports for the CPU)
+            base = comfy_backend.meta_base(i, models.bases[i % len(models.bases)],
+                                           device="cpu" if device == "cpu" else "auto")
             bases.append(base.to(dtype))
             modules[f"base{i}"] = base
         skeleton = comfy_backend.load_teacher(models.teacher, materialize=False)
@@ -841,8 +844,16 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
     why_standin = "a stand-in was asked for"
     if unet is None:
         unet, why_standin = ComfyModels.from_config(config, "cpu" if device == "cpu" else "auto")
-    plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, unet=unet,
-                 free_measured=free_measured)
+    try:
+        plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, unet=unet,
+                     free_measured=free_measured)
+    except DataDependentOutputException:
+        if not isinstance(unet, ComfyModels):
+            raise
+        # ComfyUI's CPU sub-quadratic attention slices by tensor values at large sizes: not traceable
+        unet, why_standin = None, "ComfyUI's attention at this size reads tensor values, which fake tensors cannot"
+        plan = _plan(settings, geometry, free_bytes=free_bytes, device=device, unet=unet,
+                     free_measured=free_measured)
     if isinstance(unet, ComfyModels):
         plan.model_source = (f"ComfyUI's SD1.5 UNet of {Path(unet.bases[0]).name}, the teacher "
                              f"{Path(unet.teacher).name} and the run's discriminator, on meta from the files' headers")
