@@ -23,9 +23,10 @@ Traced on real CPU tensors the same way, the tracker agreed with the CPU allocat
 The iteration traced is the loop's own :func:`training.loop.train_iteration` (see :func:`plan_iteration`),
 on synthetic data of the dataset's shapes: per lane and micro-batch the teacher's n Euler steps without
 gradients, the student's jump and its backward (MSE), or D's pass, D's step and the student's pass through the
-updated D (adversarial), gradient clipping and the steps. The SD1.5 UNet traced is a stand-in with SD1.5's
-exact parameters and block structure (:mod:`training.sd15_standin`), so a plan needs no ComfyUI; the plan's
-table says so.
+updated D (adversarial), gradient clipping and the steps. The SD1.5 UNet traced is ComfyUI's own, built on
+``meta`` from the run's checkpoint headers with the teacher's skeleton and the run's discriminator
+(:class:`ComfyModels`), when ComfyUI can be imported; otherwise a stand-in with SD1.5's exact parameters and
+block structure (:mod:`training.sd15_standin`), so a plan needs no ComfyUI. The plan's table says which.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ LightningError = core("errors").LightningError
 MotionModuleSet = core("motion_module").MotionModuleSet
 
 from . import sd15_standin
+from .placement import Placement, float32_masters
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -478,20 +480,14 @@ def _phase_of(stage: distill.Stage, phase_kind: str) -> distill.Phase:
                             f"(its phases: {[p.kind for p in stage.phases]})")
 
 
-class _TracePlacement:
-    """The loop's :class:`~training.placement.Placement` for a trace: modules stay where the tracer put them
-    (fake CPU storage, one per resident base) and forward passes autocast to the planned device's compute
-    dtype, so a bf16 GPU run is traced on the CPU with bf16 activations."""
+class _TracePlacement(Placement):
+    """The loop's placement for a trace: modules stay where the tracer put them (fake CPU storage, one per
+    resident base) and forward passes autocast to the planned device's compute dtype, so a bf16 GPU run is
+    traced on the CPU with bf16 activations (a real CPU placement always runs float32)."""
 
     def __init__(self, dtype: torch.dtype):
-        from .placement import Placement
-
-        self._inner = Placement("cpu", "fp32", "all")
-        self.device = self._inner.device
+        super().__init__("cpu", "fp32", "all")
         self.dtype = dtype
-
-    def lane(self, base):
-        return self._inner.lane(base)
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -614,10 +610,7 @@ def _comfy_parts(models: ComfyModels, settings: PlanSettings, geometry: Geometry
             disc = make(phase_kind == distill.CONDITIONAL)
             loop.set_discriminator_trainable(disc, settings.d_trainable)
             disc.backbone.gradient_checkpointing = settings.d_checkpointing
-            for parameter in disc.parameters():  # the placement keeps trainable weights in float32
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-            modules["discriminator"] = disc
+            modules["discriminator"] = float32_masters(disc)  # what the placement does to it
         return modules
 
     return build
@@ -727,7 +720,8 @@ def _hand_lines(settings: PlanSettings, trace: Trace, device: str, free_measured
     return lines
 
 
-def _trainable_count(settings: PlanSettings, geometry: Geometry, phase: str, device: str, unet: StandIn) -> int:
+def _trainable_count(settings: PlanSettings, geometry: Geometry, phase: str, device: str,
+                     unet: "StandIn | ComfyModels | None") -> int:
     modules = plan_pieces(settings, geometry, phase, device, unet)[0]()
     return sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
 
@@ -773,7 +767,7 @@ def candidate_changes(settings: PlanSettings, device: str) -> list[tuple[str, An
 
 
 def search_options(settings: PlanSettings, geometry: Geometry, free_bytes: int, *, device: str,
-                   unet: StandIn | None = None, free_measured: bool = False, worst_phase: str | None = None,
+                   unet: "StandIn | ComfyModels | None" = None, free_measured: bool = False, worst_phase: str | None = None,
                    max_options: int = 4) -> list[FitOption]:
     """Options that fit: each single change that fits on its own, else the shortest run of the changes
     (in :func:`candidate_changes` order) that fits. Every candidate is traced, not guessed."""

@@ -42,6 +42,14 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
+def float32_masters(module: nn.Module) -> nn.Module:
+    """Trainable weights in float32 (the optimiser's master weights); frozen parts keep their dtype."""
+    for parameter in module.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.to(torch.float32)
+    return module
+
+
 class Placement:
     """Devices and precision for one run; ``on_move(base, device)`` sees every move of a frozen base.
 
@@ -78,9 +86,7 @@ class Placement:
         for module in trainables:
             if module is not None:
                 module.to(device=self.device)
-                for parameter in module.parameters():
-                    if parameter.requires_grad and parameter.dtype != torch.float32:
-                        parameter.data = parameter.data.to(torch.float32)
+                float32_masters(module)
         if self.resident == "auto":
             self.resident = self._auto(bases)
         home = self.device if self.resident == "all" else torch.device("cpu")

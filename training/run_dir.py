@@ -148,7 +148,6 @@ class RunDir:
         with atomic_output(path) as temporary:
             # streamed: one host copy at a time, not a second copy of the whole state (several GB on SD1.5)
             state_file.write(temporary, tensors, metadata={STATE_KEY: json.dumps(meta)})
-        del tensors
         for old in self.state_files()[:-trainer.config.checkpoint.keep]:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
@@ -180,7 +179,7 @@ class RunDir:
 
 # -- capture / restore -----------------------------------------------------------------------------------
 
-def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
     # no copy here: the state is written between iterations, while nothing changes the tensors, and
     # ``state_file.write`` copies them to the host one at a time
     return tensor.detach()
@@ -192,7 +191,7 @@ def _optimizer_tensors(prefix: str, optimizer, tensors: dict) -> dict:
     for index, values in state["state"].items():
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{index}.{name}"] = _cpu(value)
+                tensors[f"{prefix}.{index}.{name}"] = _stored(value)
             else:
                 other.setdefault(str(index), {})[name] = value
     return {"param_groups": state["param_groups"], "other": other}
@@ -213,7 +212,7 @@ def capture_state(trainer) -> tuple[dict[str, torch.Tensor], dict]:
                            ("discriminator", trainer.discriminator)):
         if module is not None:
             for name, value in module.state_dict().items():
-                tensors[f"{prefix}.{name}"] = _cpu(value)
+                tensors[f"{prefix}.{name}"] = _stored(value)
     optimizers = {}
     for prefix, optimizer in (("optimizer.student", trainer.optimizer),
                               ("optimizer.discriminator", trainer.disc_optimizer)):
