@@ -476,6 +476,7 @@ def _run_stage(node_id, teacher: MotionModuleHandle, bases: BasesChain, dataset:
             raise errors.InvalidInputError(f"Distill Stage: cannot resume {existing.name}: " + "; ".join(problems)
                                            + ". Set the inputs back, or queue with resume = new.")
 
+    training("validation").require_writers(config)  # before anything is loaded or a run folder is made
     _free_inference_models()  # before the plan: the memory they held is free for training
     table = _memory_check(config, budget_gb, settings["device"])
     if table:

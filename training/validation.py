@@ -22,6 +22,7 @@ import torch
 from ._core import core
 distill = core("distill")
 metrics = core("metrics")
+opencv = core("opencv")
 sampling = core("sampling")
 schedule = core("schedule")
 atomic_output = core("files").atomic_output
@@ -31,8 +32,18 @@ log = logging.getLogger(__name__)
 GRID_FRAMES = 4  # frames per clip in the PNG grid
 
 
+def require_writers(config) -> None:
+    """Raise :class:`lightning.opencv.MissingOpenCVError` now when validation is on and ``cv2`` is missing.
+
+    Called before any weight is loaded: without it the first validation, iterations into a run, is where a
+    missing OpenCV would surface.
+    """
+    if config.validation.every > 0:
+        opencv.require_cv2("Training validation (validation.every > 0; 0 trains without validation clips)")
+
+
 def _write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> None:
-    import cv2
+    cv2 = opencv.require_cv2("Training validation")
 
     h, w = frames.shape[1:3]
     with atomic_output(path) as temporary:
@@ -47,7 +58,7 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int = 8) -> None:
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:
-    import cv2
+    cv2 = opencv.require_cv2("Training validation")
 
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
     if not ok:
