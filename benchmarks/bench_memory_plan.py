@@ -40,6 +40,11 @@ OPTIONS = [
     ("adv. cond. D full, ckpt student+D", "conditional", {"checkpointing": True, "d_checkpointing": True}),
     ("adv. cond. D light, ckpt student+D", "conditional",
      {"checkpointing": True, "d_checkpointing": True, "d_trainable": "light"}),
+    # what brings a stage towards 12-16 GB cards: 8-bit Adam (bitsandbytes) on top of the smallest options
+    ("MSE 128->32, bf16, student ckpt, 8-bit Adam", "mse",
+     {"stage": "128->32", "checkpointing": True, "optimizer": "adam8bit"}),
+    ("adv. cond. D light, ckpt student+D, 8-bit Adam", "conditional",
+     {"checkpointing": True, "d_checkpointing": True, "d_trainable": "light", "optimizer": "adam8bit"}),
 ]
 
 
@@ -62,6 +67,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", help="an SD1.5 checkpoint: trace ComfyUI's UNet built from its header "
                         "(run in ComfyUI's Python with COMFYUI_PATH set); default the stand-in")
     parser.add_argument("--motion-module", help="the teacher (.safetensors) to trace with --checkpoint")
+    parser.add_argument("--options", help="only the options whose label contains this text")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet = None
@@ -78,6 +84,8 @@ def main() -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         geometry = memory.Geometry.from_pixels(args.frames, size, size)
         for label, kind, changes in OPTIONS:
+            if args.options and args.options not in label:
+                continue
             settings = dataclasses.replace(BASE, **changes)
             start = time.perf_counter()
             plan = memory._plan(settings, geometry, free_bytes=None, device="cuda", unet=unet,

@@ -259,7 +259,8 @@ def _precision(choice: str, device: str) -> str:
 def build_config(*, teacher_path: str, bases: BasesChain, dataset: DatasetRef, stage: str, iterations: int,
                  run_name: str, seed: int, learning_rate: float, clips: int, precision: str,
                  gradient_checkpointing: bool, discriminator: str, resident_bases: str, save_every: int,
-                 validate_every: int, validation_prompts: str, device: str, mse_only: bool = False):
+                 validate_every: int, validation_prompts: str, device: str, mse_only: bool = False,
+                 optimizer: str = "adam"):
     config_module = training("config")
     config = config_module.Config()
     config.run.name = run_name
@@ -278,6 +279,7 @@ def build_config(*, teacher_path: str, bases: BasesChain, dataset: DatasetRef, s
     config.stage.clips = int(clips)
     config.stage.micro_batch = 1
     config.stage.mse_only = bool(mse_only)
+    config.stage.optimizer = optimizer
     config.discriminator.trainable = discriminator
     config.discriminator.gradient_checkpointing = bool(gradient_checkpointing)
     config.data.dataset = dataset.path
@@ -309,7 +311,7 @@ def _memory_check(config, budget_gb: float, device: str) -> str | None:
         raise MemoryPlanRefused(
             f"Distill Stage: this run needs about {plan.peak_bytes / 2**30:.1f} GB but {free / 2**30:.1f} GB are "
             f"free{' (memory_budget_gb)' if budget_gb > 0 else ''}; nothing was loaded. Settings that fit "
-            f"(node inputs: precision, gradient_checkpointing, discriminator, resident_bases, clips):\n  {options}"
+            f"(node inputs: precision, gradient_checkpointing, discriminator, resident_bases, clips, optimizer):\n  {options}"
             f"\n\n{table}")
     return table
 
@@ -408,7 +410,7 @@ class DistillStage(io.ComfyNode):
     def execute(cls, teacher, bases, dataset, stage, iterations, run_name, resume, seed, learning_rate=0.0, clips=1,
                 precision="auto", gradient_checkpointing=True, discriminator="full", resident_bases="auto",
                 save_every=50, validate_every=100, validation_prompts="a cat walking on a wall",
-                mse_only=False, memory_budget_gb=0.0):
+                mse_only=False, memory_budget_gb=0.0, optimizer="adam"):
         node_id = str(cls.hidden.unique_id) if cls.hidden is not None else None
         run_name = _check_name(run_name, "Distill Stage: run_name")
         if not isinstance(teacher, MotionModuleHandle):
@@ -420,7 +422,7 @@ class DistillStage(io.ComfyNode):
                 clips=clips, precision=precision, gradient_checkpointing=gradient_checkpointing,
                 discriminator=discriminator, resident_bases=resident_bases, save_every=save_every,
                 validate_every=validate_every, validation_prompts=validation_prompts, device=device,
-                mse_only=mse_only),
+                mse_only=mse_only, optimizer=optimizer),
                 resume, float(memory_budget_gb))
         student_path, run_dir = result
         dtype = comfy.model_management.unet_dtype()
@@ -477,6 +479,7 @@ def _run_stage(node_id, teacher: MotionModuleHandle, bases: BasesChain, dataset:
                                            + ". Set the inputs back, or queue with resume = new.")
 
     training("validation").require_writers(config)  # before anything is loaded or a run folder is made
+    loop.require_optimizer(config)
     _free_inference_models()  # before the plan: the memory they held is free for training
     table = _memory_check(config, budget_gb, settings["device"])
     if table:

@@ -28,6 +28,7 @@ STAGES = ("128->32 mse+cfg", "32->8", "8->4", "4->2", "2->1")
 SOURCES = ("teacher", "videos")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TRAINABILITY = ("full", "light")
+OPTIMIZERS = ("adam", "adam8bit")
 RESIDENT = ("auto", "all", "one")
 
 HEALTHY_CURVES = (
@@ -41,9 +42,11 @@ ITERATION_COST = (
     "Memory and time: before any weight is loaded the node traces one iteration of your exact settings "
     "(resolution, frames, clips, precision, checkpointing, discriminator light/full, resident bases) and prints "
     "the peak-memory breakdown in the console; when it does not fit the free memory it refuses and lists the "
-    "settings that do. The README's memory table ('Distill your own') gives that plan for 12, 16 and 24 GB "
-    "cards at 256, 384 and 512 pixels x 16 frames; bf16, gradient checkpointing, discriminator light and one "
-    "resident base are what bring a stage onto a 12 GB card. Time per iteration grows with the number of "
+    "settings that do. The README's memory table ('Distill your own') gives that plan for 12 to 80 GB "
+    "cards at 256, 384 and 512 pixels x 16 frames: with bf16, gradient checkpointing, discriminator light and "
+    "one resident base every stage fits a 24 GB card at 256x256x16; a 16 GB card needs 8-bit Adam "
+    "(bitsandbytes) too, and 8 frames for the adversarial stages; full-size SD1.5 does not fit 12 GB. Time "
+    "per iteration grows with the number of "
     "bases (each base runs the teacher's and the student's jump every iteration) and is shown live on the "
     "widget and in the log.")
 
@@ -152,7 +155,7 @@ DISTILL_STAGE = NodeSpec(
                    "slower."),
         In("discriminator", "COMBO", options=TRAINABILITY, default="full", optional=True,
            tooltip="full: the whole discriminator trains (paper). light: only its motion modules, time/index "
-                   "embeddings and head (fits 12 GB cards)."),
+                   "embeddings and head: about 4 GB less at 256x256x16."),
         In("resident_bases", "COMBO", options=RESIDENT, default="auto", optional=True,
            tooltip="auto: keep every base on the device when they fit, else one at a time. one: swap bases "
                    "through CPU memory (slower, less memory)."),
@@ -171,6 +174,10 @@ DISTILL_STAGE = NodeSpec(
         In("memory_budget_gb", "FLOAT", default=0.0, min=0.0, max=4096.0, step=0.5, optional=True,
            tooltip="0: the device's free memory. Otherwise the plan must fit in this many GB (to leave room for "
                    "other programs)."),
+        In("optimizer", "COMBO", options=OPTIMIZERS, default="adam", optional=True,
+           tooltip="adam: PyTorch's Adam, 8 bytes of state per trained weight. adam8bit: bitsandbytes' 8-bit "
+                   "Adam, 2 bytes per weight (about 2.5 GB less with discriminator light, what a 16 GB card "
+                   "needs); needs bitsandbytes installed in ComfyUI's Python and a CUDA GPU."),
     ),
     outputs=(
         Out(MOTION_MODULE, "student", "The distilled student; connect to Apply Motion Module (it is also saved "

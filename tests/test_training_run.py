@@ -133,12 +133,19 @@ def test_cli_refuses_a_missing_config_and_a_used_run_folder(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_cli_without_opencv_refuses_validation_before_a_run_folder_exists(tmp_path, capsys, monkeypatch):
+def test_cli_without_opencv_or_bitsandbytes_refuses_before_a_run_folder_exists(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` now raises ImportError
     run = tmp_path / "run"
     assert run_cli(["run", str(TOY), "--run-dir", str(run)] + sets(TINY + ["validation.every=4"])) == 2
     err = capsys.readouterr().err
     assert "needs OpenCV" in err and "validation.every" in err and "pip install" in err, err
+    assert not run.exists()
+    # 8-bit Adam without bitsandbytes: refused the same way, before anything exists
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert run_cli(["run", str(TOY), "--run-dir", str(run)] + sets(
+        TINY + ["validation.every=0", "stage.optimizer=\"adam8bit\""])) == 2
+    err = capsys.readouterr().err
+    assert "needs the bitsandbytes package" in err and "adam" in err, err
     assert not run.exists()
     # with validation off the same run needs no OpenCV
     assert run_cli(["run", str(TOY), "--run-dir", str(run)] + sets(

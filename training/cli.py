@@ -29,6 +29,7 @@ LightningError = core("errors").LightningError
 
 from . import config as config_module
 from . import distributed, validation
+from .loop import require_optimizer
 from .config import Config, ConfigError
 
 EXIT_INTERRUPTED = 130
@@ -169,6 +170,7 @@ def cmd_run(args, handle_signals: bool = True, hooks=()) -> int:
     config = config_module.load(args.config, overrides)
     setup_builder(config)  # fail before a run folder exists
     validation.require_writers(config)
+    require_optimizer(config)
     world, device = distributed.init(config.run.device, timeout_s=config.distributed.timeout_s)
     restarted = distributed.agree(world, lambda: distributed.restarted_run(world, config, args.run_dir))
     if restarted is not None:  # torchrun --max-restarts: continue the run this job was writing
@@ -189,6 +191,7 @@ def cmd_resume(args, handle_signals: bool = True, hooks=(), *, world=None, devic
     config = config_module.load(RunDir.open(args.run_dir).config_path if world is None or world.is_main
                                 else run_dir.config_path, list(args.set or []))
     validation.require_writers(config)
+    require_optimizer(config)
     if world is None:
         world, device = distributed.init(config.run.device, timeout_s=config.distributed.timeout_s)
     # rank 0 picks the state (every rank then reads the same file: a shared folder across machines)

@@ -17,6 +17,7 @@ Facts this relies on (ComfyUI 0.3.x):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -114,6 +115,26 @@ def import_comfy(device: str = "auto") -> types.SimpleNamespace:
                                  latent_formats=comfy.latent_formats, model_detection=comfy.model_detection,
                                  model_management=comfy.model_management, openaimodel=openaimodel, util=util,
                                  motion_patch=motion_patch)
+
+
+@contextlib.contextmanager
+def attention_of_nvidia_gpus():
+    """ComfyUI's cross-attention as it is on an NVIDIA GPU (PyTorch's scaled_dot_product_attention, chosen
+    at import there) for the duration, whatever this process's ComfyUI chose for its own device.
+
+    The memory plan traces a GPU run on a CPU: imported for the CPU, ComfyUI uses its sub-quadratic attention,
+    whose chunks are sized from values and free memory, neither of which a fake tensor has, and whose saved
+    activations are not what a GPU run keeps. Inside a ComfyUI on an NVIDIA GPU this changes nothing.
+    """
+    import_comfy()
+    from comfy.ldm.modules import attention
+
+    before = attention.optimized_attention, attention.optimized_attention_masked
+    attention.optimized_attention = attention.optimized_attention_masked = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        attention.optimized_attention, attention.optimized_attention_masked = before
 
 
 def unet_calls(device: str = "auto") -> UNetCalls:

@@ -142,13 +142,24 @@ def make_optimizer(params: Sequence[torch.Tensor], phase: Phase, kind: str = "ad
         # foreach=False: one implementation on every device, the one the CPU reference runs
         return torch.optim.Adam(params, lr=phase.lr, betas=phase.betas, foreach=False)
     if kind == "adam8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise InvalidInputError("stage.optimizer = \"adam8bit\" needs the bitsandbytes package "
-                                    "(pip install bitsandbytes); or set stage.optimizer = \"adam\"") from None
-        return bnb.optim.Adam8bit(params, lr=phase.lr, betas=phase.betas)
+        return _bitsandbytes().optim.Adam8bit(params, lr=phase.lr, betas=phase.betas)
     raise InvalidInputError(f"stage.optimizer must be adam or adam8bit, got {kind!r}")
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise InvalidInputError("stage.optimizer = \"adam8bit\" (the node's optimizer input) needs the "
+                                "bitsandbytes package (pip install bitsandbytes, in the Python that trains); or "
+                                "use \"adam\"") from None
+    return bitsandbytes
+
+
+def require_optimizer(config) -> None:
+    """Raise now, before any weight is loaded, when the configured optimizer's library is missing."""
+    if config.stage.optimizer == "adam8bit":
+        _bitsandbytes()
 
 
 # --- one iteration --------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ How it works (read top to bottom):
    (``to_empty``); every tensor op computes shapes and dtypes only. CPU fake tensors pick the same attention
    kernels as real CPU runs (the ``meta`` device would fall back to the N x N math path and overestimate
    attention many times), and autograd works on them (on fake CUDA tensors it aborts the process), so a
-   plan for a GPU is traced on the CPU.
+   plan for a GPU is traced on the CPU, with ComfyUI's attention as it is on NVIDIA GPUs
+   (``comfy_backend.attention_of_nvidia_gpus``) rather than the CPU choice of the ComfyUI imported here.
 3. **One warm-up iteration, then one tracked.** The warm-up creates the optimizer state (Adam's two moments);
    the second iteration runs under :class:`torch.distributed._tools.mem_tracker.MemTracker`, which sees
    every tensor created or freed and keeps the peak of live bytes with a breakdown: parameters, gradients,
@@ -705,7 +706,13 @@ def _free_device_bytes(device: str, settings: PlanSettings) -> int | None:
 
 
 def _trace_phase(settings, geometry, phase_kind, device, unet) -> Trace:
-    return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, unet))
+    attention = contextlib.nullcontext()
+    if isinstance(unet, ComfyModels) and device == "cuda":
+        from . import comfy_backend
+
+        attention = comfy_backend.attention_of_nvidia_gpus()
+    with attention:
+        return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, unet))
 
 
 def _hand_lines(settings: PlanSettings, trace: Trace, device: str, free_measured: bool, trainable: int

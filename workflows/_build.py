@@ -214,7 +214,8 @@ def _stage_widgets(stage: str, iterations: int, run_name: str, *, validate_every
     return {"stage": stage, "iterations": iterations, "run_name": run_name, "resume": "latest", "seed": 0,
             "learning_rate": 0.0, "clips": 1, "precision": "auto", "gradient_checkpointing": True,
             "discriminator": "light", "resident_bases": "auto", "save_every": 25, "validate_every": validate_every,
-            "validation_prompts": "a cat walking on a wall", "mse_only": False, "memory_budget_gb": 0.0}
+            "validation_prompts": "a cat walking on a wall", "mse_only": False, "memory_budget_gb": 0.0,
+            "optimizer": "adam"}
 
 
 def _bases(w: Workflow, x: int, y: int, names=("toonyou_beta6.safetensors", "epicrealism_naturalSinRC1VAE.safetensors")):
