@@ -409,17 +409,23 @@ def teacher_sampler(checkpoints: Sequence[Checkpoint], teacher, *, teacher_path:
     c = import_comfy(checkpoints[0].device if checkpoints else "auto")
     mp = c.motion_patch
     handle = mp.MotionModuleHandle(mp.motion_patcher(teacher), teacher.info, str(teacher_path))
-    state = {"active": None}
+    # The patched model of the active base lives as long as that base is active: a clone made per clip would
+    # die after each clip while ComfyUI still lists its motion patcher as loaded, which ComfyUI reports as a
+    # leak and answers with a full garbage collection before every clip.
+    state = {"active": None, "model": None}
 
     def sample(base_index: int, prompt: str, seed: int, frames: int, height: int, width: int) -> torch.Tensor:
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise errors.InvalidInputError(f"teacher clips need a pixel size in multiples of 8, got {width}x{height}")
         if state["active"] is not None and state["active"] != base_index:
+            state["model"] = None
             checkpoints[state["active"]].release()
         state["active"] = base_index
         ckpt = checkpoints[base_index]
         with torch.inference_mode(False), torch.no_grad():
-            model = mp.apply_motion_module(ckpt.patcher(), handle)
+            if state["model"] is None:
+                state["model"] = mp.apply_motion_module(ckpt.patcher(), handle)
+            model = state["model"]
             clip = ckpt.clip()
             positive, negative = _prompt_cond(clip, prompt), _prompt_cond(clip, "")
             latent = torch.zeros(int(frames), 4, height // 8, width // 8)
