@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import memory  # noqa: E402
+from training import compute, memory  # noqa: E402
 
 CARDS_GB = (12, 16, 24, 48, 80)
 BASE = memory.PlanSettings(kind="sd15", bases=2, resident_bases="one", device="cuda", precision="bf16",
@@ -68,6 +68,9 @@ def main() -> int:
                         "(run in ComfyUI's Python with COMFYUI_PATH set); default the stand-in")
     parser.add_argument("--motion-module", help="the teacher (.safetensors) to trace with --checkpoint")
     parser.add_argument("--options", help="only the options whose label contains this text")
+    parser.add_argument("--flops", action="store_true",
+                        help="also count each option's FLOPs per iteration and estimate seconds on the cards of "
+                             "training.compute.CARDS (an estimate from spec sheets, not a measurement)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet = None
@@ -81,6 +84,7 @@ def main() -> int:
 
     header = "| option | size | traced GiB | + by hand GiB | peak GiB | " + " | ".join(f"{c} GB" for c in CARDS_GB) + " |"
     rows = [header, "|" + "---|" * (5 + len(CARDS_GB))]
+    flop_rows: list[str] = []
     for size in (int(s) for s in args.sizes.split(",")):
         geometry = memory.Geometry.from_pixels(args.frames, size, size)
         for label, kind, changes in OPTIONS:
@@ -96,8 +100,20 @@ def main() -> int:
             rows.append(row)
             print(row, f"  ({time.perf_counter() - start:.0f} s;",
                   ", ".join(f"{k} {v / 2**30:.2f}" for k, v in plan.breakdown.items()) + ")", flush=True)
+            if args.flops:
+                flops = memory.iteration_flops(settings, geometry, kind, "cuda", unet)
+                seconds = " | ".join(f"{compute.seconds_on(flops, card):.1f}" for card in compute.CARDS)
+                flop_rows.append(f"| {label} | {geometry.label()} | {flops / 1e12:.1f} | {seconds} |")
+                print(flop_rows[-1], flush=True)
     print()
     print("\n".join(rows))
+    if args.flops:
+        print(f"\nestimated seconds per iteration at {compute.UTILIZATION:.0%} of the spec-sheet bf16 throughput "
+              "(2 bases: each runs every iteration)")
+        print("| option | size | TFLOP per iteration | " + " | ".join(
+            f"{c.name} ({c.memory_gb} GB) s" for c in compute.CARDS) + " |")
+        print("|" + "---|" * (3 + len(compute.CARDS)))
+        print("\n".join(flop_rows))
     return 0
 
 

@@ -705,14 +705,28 @@ def _free_device_bytes(device: str, settings: PlanSettings) -> int | None:
     return torch.cuda.mem_get_info(index)[0]
 
 
-def _trace_phase(settings, geometry, phase_kind, device, unet) -> Trace:
-    attention = contextlib.nullcontext()
+def _attention_for(device: str, unet):
+    """ComfyUI's attention as the target device runs it (see ``comfy_backend.attention_of_nvidia_gpus``)."""
     if isinstance(unet, ComfyModels) and device == "cuda":
         from . import comfy_backend
 
-        attention = comfy_backend.attention_of_nvidia_gpus()
-    with attention:
+        return comfy_backend.attention_of_nvidia_gpus()
+    return contextlib.nullcontext()
+
+
+def _trace_phase(settings, geometry, phase_kind, device, unet) -> Trace:
+    with _attention_for(device, unet):
         return trace_iteration(*plan_pieces(settings, geometry, phase_kind, device, unet))
+
+
+def iteration_flops(settings: PlanSettings, geometry: Geometry, phase_kind: str, device: str,
+                    unet: "StandIn | ComfyModels | None" = None) -> int:
+    """FLOPs of one iteration of the phase, counted on the same fake-tensor iteration the plan traces
+    (:mod:`training.compute`)."""
+    from . import compute
+
+    with _attention_for(device, unet):
+        return compute.count_flops(*plan_pieces(settings, geometry, phase_kind, device, unet))
 
 
 def _hand_lines(settings: PlanSettings, trace: Trace, device: str, free_measured: bool, trainable: int
