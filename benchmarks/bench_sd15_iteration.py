@@ -43,7 +43,7 @@ def synthetic_dataset(folder: Path, checkpoints: list[str], *, frames: int, size
         for b in range(len(bases)):
             writer.set_uncond(b, torch.randn(77, 768, generator=g))
             for i in range(clips):
-                writer.add_clip({"kind": "synthetic", "base": b, "clip": i}, b,
+                writer.add_clip({"kind": "teacher", "base": b, "prompt": f"synthetic clip {i}", "seed": i}, b,
                                 torch.randn(frames, 4, size // 8, size // 8, generator=g),
                                 {b: torch.randn(77, 768, generator=g)})
 

@@ -56,7 +56,8 @@ def workflow(run_name: str, *, resume: str = "new", iterations: int = 2, mse_onl
 
     w = Workflow(scale=1.0)
     mm = w.node("ADL_LoadMotionModule", (20, 40), (300, 90), widgets={"name": LIGHTNING_4STEP,
-                                                                     "group_norm": "per_frame"})
+                                                                     "group_norm": "per_frame",
+                                                                     "lightning_steps": "auto"})
     b1 = w.node("ADL_TrainingBases", (20, 170), (300, 70), widgets={"ckpt_name": SD15})
     b2 = b1 if one_base else w.node("ADL_TrainingBases", (20, 280), (300, 70), widgets={"ckpt_name": SEED1},
                                     inputs={"bases": (b1, 0)})
@@ -69,7 +70,8 @@ def workflow(run_name: str, *, resume: str = "new", iterations: int = 2, mse_onl
            widgets={"stage": "8->4", "iterations": iterations, "run_name": run_name, "resume": resume, "seed": 0,
                     "learning_rate": 0.0, "clips": 1, "precision": "fp32", "gradient_checkpointing": False,
                     "discriminator": "light", "resident_bases": "one", "save_every": 1, "validate_every": 0,
-                    "validation_prompts": "a cat", "mse_only": mse_only, "memory_budget_gb": 1000.0},
+                    "validation_prompts": "a cat", "mse_only": mse_only, "memory_budget_gb": 1000.0,
+                    "optimizer": "adam"},
            inputs={"teacher": (mm, 0), "bases": (b2, 0), "dataset": (ds, 0)})
     return w.to_json()
 

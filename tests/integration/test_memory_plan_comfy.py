@@ -41,11 +41,10 @@ PLAN = textwrap.dedent("""
     config.discriminator.gradient_checkpointing = True
     geometry = memory.Geometry.from_pixels(8, 512, 512)
     plan = memory.estimate(config, free_bytes=1 << 45, geometry=geometry, search=False)
-    standin = memory.estimate(config, free_bytes=1 << 45, geometry=geometry, search=False,
-                              standin=memory.StandIn())
     from comfy.ldm.modules import attention
     print(json.dumps({"source": plan.model_source, "remarks": plan.remarks, "phase": plan.phase,
-                      "peak": plan.peak_bytes, "standin_peak": standin.peak_bytes,
+                      "peak": plan.peak_bytes,
+                      "weights": plan.breakdown["frozen weights"] + plan.breakdown["trainable weights"],
                       "attention_restored": attention.optimized_attention is not attention.attention_pytorch}))
 """)
 
@@ -67,7 +66,8 @@ def test_a_gpu_plan_at_512_traces_comfyuis_unet_in_both_adversarial_phases():
     print(json.dumps(result, indent=1))
     assert result["source"].startswith("ComfyUI's SD1.5 UNet"), result
     assert not any("stand-in" in r for r in result["remarks"]), result["remarks"]
-    # the same blocks and parameters: the two traces differ only in ComfyUI's op-level choices
-    assert 0.75 < result["peak"] / result["standin_peak"] < 1.33, result
+    assert result["phase"] in ("conditional", "unconditional")
+    # weights alone (bf16 base, fp32 teacher, student, light D) are about 6.8 GiB; the iteration adds to them
+    assert result["weights"] > 6 * 2**30 and result["peak"] > result["weights"], result
     # ComfyUI's own choice is back once the plan is made (a plan must not change how ComfyUI samples)
     assert result["attention_restored"]

@@ -278,8 +278,9 @@ def test_interrupt_then_resume_latest_equals_an_uninterrupted_run(server):
 
 
 def test_discriminator_preview_gives_a_probability_per_jump(server):
-    runs = [name for name in server.object_info()["ADL_DiscriminatorPreview"]["input"]["required"]["run"][0]
-            if name.startswith("quick-")]
+    kind, spec = server.object_info()["ADL_DiscriminatorPreview"]["input"]["required"]["run"]
+    assert kind == "COMBO", kind  # the v3 node API's v1 info: ("COMBO", {"options": [...]})
+    runs = [name for name in spec["options"] if name.startswith("quick-")]
     if CHEAP and not CHEAP_ADVERSARIAL:
         pytest.skip("ADL_TRAINING_CHEAP=1 runs the quickstart as MSE only: no discriminator to preview "
                     "(add ADL_TRAINING_CHEAP_ADVERSARIAL=1)")
