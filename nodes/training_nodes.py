@@ -345,6 +345,18 @@ def _pick_run(resume: str, run_name: str) -> Path | None:
     return run_path(resume)
 
 
+def _teacher_module(handle: MotionModuleHandle, config, comfy_backend):
+    """The frozen teacher for the trainer. On the CPU, the module Load Motion Module already holds when it is
+    exactly what reading the file gives (float32, per-frame GroupNorm; its LoRA patches were undone when the
+    inference models were freed): a second copy would cost as much RAM as the teacher itself."""
+    module = handle.module_set
+    same_file = Path(handle.path).resolve() == Path(config.model.teacher).resolve()
+    if (config.run.device == "cpu" and same_file and module.norm_mode == "per_frame"
+            and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in module.parameters())):
+        return module
+    return comfy_backend.load_teacher(config.model.teacher)
+
+
 def _free_inference_models() -> None:
     comfy.model_management.unload_all_models()
     comfy.model_management.cleanup_models_gc()
@@ -516,7 +528,7 @@ def _run_stage(node_id, teacher: MotionModuleHandle, bases: BasesChain, dataset:
         np.random.seed(config.run.seed % 2**32)
         try:
             ckpts = comfy_backend.open_checkpoints(config.model.bases, device=config.run.device)
-            teacher_module = comfy_backend.load_teacher(config.model.teacher)
+            teacher_module = _teacher_module(teacher, config, comfy_backend)
             lane_data = [opened.lane_data(i, flip=config.data.flip) for i in range(len(ckpts))]
             setup = sd15_setup.setup_from_parts(
                 ckpts, teacher_module, lane_data, frames=opened.frames, latent_height=opened.height,
