@@ -41,6 +41,14 @@ MODELS = ("teacher@32", "teacher@4", "teacher@2", "student@4", "student@2")
 VIDEO_COLUMNS = ("teacher@32", "teacher@4", "student@4", "student@2")
 
 
+#: The adversarial stages after the 32 -> 8 MSE stage, as (teacher steps, student steps).
+ADVERSARIAL_STAGES = ((8, 4), (4, 2), (2, 1))
+
+
+def _demo_world() -> WorldConfig:
+    return WorldConfig(angle_offset=0.5)
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     seed: int = 0
@@ -48,18 +56,25 @@ class DemoConfig:
     held_out_styles: tuple[int, ...] = (3,)
     width: int = 32  # motion-module channels
     style_perturbation: float = 1.0  # how far each style's frozen lift/read-out is from the shared one
+    view_grid: int = 4  # the motion module sees each 8x8 frame pooled to 4x4 (see lightning.toy.models)
     lr_scale: float = 1000.0  # MSE lr 1e-2, adversarial 5e-4 (paper: 1e-5 and 5e-7; ratio and betas kept)
     mse_iterations: int = 150  # 32 -> 8, MSE: the toy's stand-in for the paper's 128 -> 32 MSE stage
-    # (conditional D, then unconditional D') iterations of the adversarial stages 8 -> 4 and 4 -> 2
-    adversarial_iterations: tuple[tuple[int, int], tuple[int, int]] = ((100, 100), (100, 100))
+    # (conditional D, then unconditional D') iterations of the adversarial stages 8 -> 4, 4 -> 2, 2 -> 1
+    adversarial_iterations: tuple[tuple[int, int], ...] = ((100, 100), (100, 100), (100, 100))
     mse_clips: int = 16  # clips per style per iteration
     adversarial_clips: int = 8  # fewer: every adversarial iteration also runs D three times
     eval_samples: int = 1024
     video_samples: int = 3  # clips per cell of the video
-    # False: the ablation of the paper's claim - the 8 -> 4 and 4 -> 2 stages use MSE against the teacher's
-    # jump instead of D and D', with the same iterations, clips and the MSE learning rate
+    # False: the ablation of the paper's claim - the adversarial stages use MSE against the teacher's jump
+    # instead of D and D', with the same iterations, clips and the MSE learning rate
     adversarial: bool = True
-    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    world: WorldConfig = dataclasses.field(default_factory=_demo_world)
+
+    def __post_init__(self):
+        if len(self.adversarial_iterations) != len(ADVERSARIAL_STAGES):
+            raise InvalidInputError(f"adversarial_iterations needs (conditional, unconditional) for each of the "
+                                    f"stages {[f'{t}->{s}' for t, s in ADVERSARIAL_STAGES]}, got "
+                                    f"{self.adversarial_iterations!r}")
 
     def stages(self) -> tuple[distill.Stage, ...]:
         """The paper's plan from 32 steps on: one MSE stage, then adversarial stages (D, then D').
@@ -74,16 +89,18 @@ class DemoConfig:
         def adversarial(teacher, student, iterations):
             cond, uncond = iterations
             if not self.adversarial:
-                return distill.Stage(teacher, student,
-                                     (distill.mse_phase(cond + uncond, mse_lr, self.adversarial_clips),),
-                                     extra_timesteps=distill.EXTRA_TIMESTEPS.get(student, ()))
-            phases = (distill.adversarial_phase(distill.CONDITIONAL, cond, adv_lr, self.adversarial_clips),
-                      distill.adversarial_phase(distill.UNCONDITIONAL, uncond, adv_lr, self.adversarial_clips))
+                phases = (distill.mse_phase(cond + uncond, mse_lr, self.adversarial_clips),)
+            else:
+                phases = (distill.adversarial_phase(distill.CONDITIONAL, cond, adv_lr, self.adversarial_clips),
+                          distill.adversarial_phase(distill.UNCONDITIONAL, uncond, adv_lr, self.adversarial_clips))
             return distill.Stage(teacher, student, tuple(p for p in phases if p.iterations > 0),
                                  extra_timesteps=distill.EXTRA_TIMESTEPS.get(student, ()))
 
-        return (first, adversarial(8, 4, self.adversarial_iterations[0]),
-                adversarial(4, 2, self.adversarial_iterations[1]))
+        return (first, *(adversarial(t, s, i) for (t, s), i in zip(ADVERSARIAL_STAGES, self.adversarial_iterations)))
+
+    def mse_only(self) -> DemoConfig:
+        """The ablation of this run: the same plan and budget with MSE in place of D and D'."""
+        return dataclasses.replace(self, adversarial=False)
 
 
 # --- building and training ------------------------------------------------------------------------------
@@ -105,7 +122,8 @@ def build(config: DemoConfig):
     world = ToyWorld(config.world)
     styles = sorted(set(config.seen_styles) | set(config.held_out_styles))
     bases = {b.index: b for b in make_bases(world, styles, width=config.width, seed=config.seed,
-                                            style_perturbation=config.style_perturbation)}
+                                            style_perturbation=config.style_perturbation,
+                                            view_grid=config.view_grid)}
     lanes = [distill.Lane(bases[s], data_source(world, s), world.config.frames) for s in config.seen_styles]
     torch.manual_seed(config.seed)
     return world, bases, lanes, make_motion_module(config.width)
