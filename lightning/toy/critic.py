@@ -14,6 +14,12 @@ from .models import encoder_features, frame_evidence
 from .world import sigma_of
 
 
+FIT_FLOOR = 1e-3  # template fits closer than this (in template norms) are all "on the template"
+# Near the end of sampling the evidence features run to tens of units; the fit enters at a comparable
+# scale, or the transformer's GroupNorm would shrink the sharp-against-blend gap to a few percent.
+FIT_GAIN = 8.0
+
+
 def timestep_embedding(timestep: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (continuous) timesteps, cos first as in the SD UNet."""
     half = dim // 2
@@ -51,7 +57,7 @@ class ToyBackbone(nn.Module):
         self.register_buffer("template_scale", base.template_scale.detach().to(torch.float32).clone())
         self.templates = nn.Parameter(templates.to(torch.float32).clone())
         lift = base.lift.detach().to(torch.float32)
-        fit_column = torch.randn(width, 1, generator=torch.Generator().manual_seed(0)) / math.sqrt(width)
+        fit_column = FIT_GAIN * torch.randn(width, 1, generator=torch.Generator().manual_seed(0)) / math.sqrt(width)
         self.lift = nn.Parameter(torch.cat([lift, fit_column], dim=1))
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         # zero_init=False: a discriminator starts from random weights, not from an identity module
@@ -66,26 +72,30 @@ class ToyBackbone(nn.Module):
         sigma = sigma_of(timestep.reshape(clips, frames)[:, 0]).to(torch.float32)
         evidence = frame_evidence(x_in.reshape(clips, frames, dim).float(), sigma, self.templates, self.spread)
         raw, _ = encoder_features(evidence, sigma, self.spread, self.template_scale)
-        fit = template_fit(x_in.reshape(clips, frames, dim).float(), evidence, sigma, self.spread)
+        fit = template_fit(x_in.reshape(clips, frames, dim).float(), evidence, sigma, self.spread, self.template_scale)
         raw = torch.cat([raw, fit[..., None]], dim=-1)
         emb = self.time(timestep_embedding(timestep, self.channels)) + extra_embedding  # [(clips*frames), width]
         h = (raw @ self.lift.T).reshape(clips * frames, k, self.channels) + emb[:, None, :]
         return self.motion(h.transpose(1, 2).unsqueeze(-1).contiguous(), video_length)
 
 
-def template_fit(x_in: torch.Tensor, evidence: torch.Tensor, sigma: torch.Tensor, spread: float) -> torch.Tensor:
-    """``[clips, frames, K]``: signed log of the z-score of ``|x_f - a*T_kf|^2 / v`` against its chi-square.
+def template_fit(x_in: torch.Tensor, evidence: torch.Tensor, sigma: torch.Tensor, spread: float,
+                 template_scale: torch.Tensor) -> torch.Tensor:
+    """``[clips, frames, K]``: per frame, the distance to the best-fitting template, in template norms.
 
-    ``|x - a T|^2 / v = |x|^2 / v - 2 * evidence``, so it comes from the evidence without a second pass over
-    the templates. The log keeps the huge residuals of far templates from swamping the near ones.
+    ``|x - a T|^2 = |x|^2 - 2 v * evidence`` (no second pass over the templates). A motion sits near its
+    template (few-step samplers end on a posterior mean, so nearer still than a true sample); a blend of
+    two motions sits a fraction of their separation away from both. Not in units of the noise variance
+    ``v``: at the end of sampling the jitter around a template is far below ``v`` and varies from sampler
+    to sampler, which would swamp the blend's offset. Broadcast over the templates so every template pixel
+    carries it.
     """
-    dim = x_in.shape[-1]
     sigma = sigma.to(x_in.dtype)[:, None, None]
     a2 = 1.0 / (sigma * sigma + 1.0)
     v = a2 * spread ** 2 + sigma * sigma * a2
-    residual = x_in.square().sum(-1, keepdim=True) / v - 2 * evidence
-    z = (residual - dim) / math.sqrt(2 * dim)
-    return torch.sign(z) * torch.log1p(z.abs())
+    residual = x_in.square().sum(-1, keepdim=True) - 2 * v * evidence
+    best = residual.min(dim=-1, keepdim=True).values.clamp(min=0).sqrt() / template_scale
+    return torch.log(best.clamp(min=FIT_FLOOR)).expand_as(evidence)
 
 
 def toy_discriminator(conditional: bool, *, base, num_bases: int) -> FlowDiscriminator:

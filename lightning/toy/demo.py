@@ -1,15 +1,19 @@
-"""The toy-world demo: progressive adversarial distillation 32 -> 8 -> 4 -> 2 on CPU, measured.
+"""The toy-world demo: progressive adversarial distillation 32 -> 8 -> 4 -> 2 -> 1 on CPU, measured.
 
 ``python -m lightning.toy --seed S --out DIR`` trains one motion module on styles 0, 1, 2 with the real
-:mod:`lightning.distill` code, then samples the exact teacher and the student with the real sampler and
-writes into DIR:
+:mod:`lightning.distill` code (32 -> 8 with MSE, then 8 -> 4, 4 -> 2 and 2 -> 1 each with the conditional
+D, then the unconditional D'), and, from the same 8-step student, the ablation that replaces D and D' by
+MSE at the same budget ("mse-only"). It samples the exact teacher and both students with the real sampler
+and writes into DIR:
 
-- ``metrics.json``: ``"teacher@32"``, ``"teacher@4"``, ``"teacher@2"``, ``"student@4"``, ``"student@2"`` ->
-  ``{"distance", "nearest_mode_error", "coverage"}`` averaged over the seen styles, ``"per_style"`` with every
-  style (the held-out one included), and ``"run"`` (seed, styles, timings);
-- ``samples.mp4``: per style, teacher@32 | teacher@4 | student@4 | student@2 side by side (same noise);
+- ``metrics.json``: every model of :data:`MODELS` (``"teacher@32"`` ... ``"student@1"``, ``"mse-only@4"`` ...
+  ``"mse-only@1"``) -> ``{"distance", "nearest_mode_error", "coverage"}`` averaged over the seen styles,
+  ``"per_style"`` with every style (the held-out one included), ``"discriminator"`` (per adversarial stage,
+  how well its conditional D tells teacher jumps from student jumps on held-out pairs, see
+  :func:`discriminator_check`) and ``"run"`` (seed, styles, timings);
+- ``samples.mp4``: per style, the models of :data:`VIDEO_COLUMNS` side by side (same noise);
 - ``samples.png``: the middle frame of that video; ``losses.png``: the training curves;
-- ``student_{8,4,2}step.safetensors``: the student after each stage, in the original AnimateDiff layout.
+- ``student_{8,4,2,1}step.safetensors``: the student after each stage, in the original AnimateDiff layout.
 
 It prints the table and the run time. Learning rates are the paper's scaled by ``lr_scale`` (ratios and
 Adam betas kept), because a CPU run has a few hundred iterations, not the paper's many thousands.
@@ -17,8 +21,10 @@ Adam betas kept), because a CPU run has a few hundred iterations, not the paper'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
 import logging
 import os
 import time
@@ -37,8 +43,11 @@ from .world import ToyWorld, WorldConfig
 
 log = logging.getLogger(__name__)
 
-MODELS = ("teacher@32", "teacher@4", "teacher@2", "student@4", "student@2")
-VIDEO_COLUMNS = ("teacher@32", "teacher@4", "student@4", "student@2")
+MODELS = ("teacher@32", "teacher@4", "teacher@2", "teacher@1", "student@4", "student@2", "student@1",
+          "mse-only@4", "mse-only@2", "mse-only@1")
+VIDEO_COLUMNS = ("teacher@32", "teacher@2", "student@4", "student@2", "mse-only@2", "student@1", "mse-only@1")
+STUDENT = "student"  # the adversarially distilled student
+MSE_ONLY = "mse-only"  # the ablation: MSE in place of D and D'
 
 
 #: The adversarial stages after the 32 -> 8 MSE stage, as (teacher steps, student steps).
@@ -168,6 +177,71 @@ def train(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | N
     return results, history
 
 
+def train_mse_only(config: DemoConfig, lanes, eight_step_student, *, callback=None):
+    """The ablation's stages after the shared 32 -> 8 one, on a copy of ``eight_step_student``."""
+    from training.loop import run_stages
+
+    student = copy.deepcopy(eight_step_student)
+    # its own data stream: the same seed would replay the adversarial run's clips, which is no ablation
+    run_stages(config.mse_only().stages()[1:], lanes, student, clips=config.mse_clips,
+               generator=torch.Generator().manual_seed(config.seed + 1), callback=callback)
+    return student
+
+
+def train_both(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | None = None, callback=None,
+               after_stage=None):
+    """The demo's student (in place) and its mse-only ablation from the same 8-step student.
+
+    Returns ``(results, history, students)``, ``students = {"student": ..., "mse-only": ...}``.
+    """
+    eight = {}
+
+    def keep_eight(result, module):
+        if result.stage.student_steps == 8:
+            eight["student"] = copy.deepcopy(module)
+        if after_stage is not None:
+            after_stage(result, module)
+
+    results, history = train(config, world, bases, lanes, student, out_dir=out_dir, callback=callback,
+                             after_stage=keep_eight)
+    ablation = train_mse_only(config, lanes, eight["student"])
+    return results, history, {STUDENT: student, MSE_ONLY: ablation}
+
+
+def discriminator_check(results, lanes, make_discriminator, *, clips: int, seed: int) -> dict:
+    """Per adversarial stage: how its conditional D, as its phase ended, ranks held-out pairs.
+
+    Fresh pairs (never trained on), each the teacher's jump against the jump of the student as it entered
+    the stage (the blur the phase was there to remove), from the same x_t. ``"preference"``: how often D
+    scores the teacher's jump higher (0.5 is chance); ``"final_preference"``: the same over the jumps that
+    end at sigma 0, where blur is visible rather than buried in noise. ``"untrained"``: the preference of a
+    fresh D, the chance level this D started from.
+    """
+    out = {}
+    generator = torch.Generator().manual_seed(seed + 4242)
+    for result in results:
+        trained = result.discriminators.get(distill.CONDITIONAL)
+        if trained is None:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = make_discriminator(True)
+        scores = {"preference": [], "final_preference": [], "untrained": []}
+        for lane in lanes:
+            pair = distill.draw_pair(result.stage, lane, result.teacher, clips, generator)
+            with torch.no_grad():
+                entering = distill.student_jump(lane.base, result.teacher, pair)
+                final = pair.end < 0
+                for name, d in (("preference", trained), ("untrained", fresh)):
+                    real = distill.discriminate(d, pair, pair.teacher, True)
+                    fake = distill.discriminate(d, pair, entering, True)
+                    scores[name].append(float(distill.preference(real, fake)))
+                    if name == "preference":
+                        scores["final_preference"].append(float(distill.preference(real[final], fake[final])))
+        out[result.stage.name] = {k: sum(v) / len(v) for k, v in scores.items()}
+    return out
+
+
 # --- evaluation -----------------------------------------------------------------------------------------
 
 def generate(world: ToyWorld, denoiser, steps: int, clips: int, seed: int) -> torch.Tensor:
@@ -181,16 +255,25 @@ def generate(world: ToyWorld, denoiser, steps: int, clips: int, seed: int) -> to
         return sampling.sample(denoiser, noise, schedule.sigmas(steps), noise_scaling="comfyui")
 
 
-def model_denoiser(world: ToyWorld, base, student, name: str):
-    """``"teacher@N"`` is the exact denoiser, ``"student@N"`` the base with the student plugged in."""
+def model_denoiser(world: ToyWorld, base, students, name: str):
+    """``"teacher@N"`` is the exact denoiser, ``"student@N"`` / ``"mse-only@N"`` the base with that student.
+
+    ``students``: ``{"student": module, "mse-only": module}``, or one module (the ``"student"``).
+    """
     who, steps = name.split("@")
     if who == "teacher":
         return world.exact_denoiser(base.index), int(steps)
-    return distill.denoiser_for(base, student), int(steps)
+    students = students if isinstance(students, dict) else {STUDENT: students}
+    if who not in students:
+        raise InvalidInputError(f"no {who!r} student to evaluate {name!r}; have {sorted(students)}")
+    return distill.denoiser_for(base, students[who]), int(steps)
 
 
 def evaluate(world: ToyWorld, bases: dict, student, styles, *, samples: int, seed: int, models=MODELS) -> dict:
-    """``{style: {model: measures}}``; every model of a style starts from the same noise."""
+    """``{style: {model: measures}}``; every model of a style starts from the same noise.
+
+    ``student``: as :func:`model_denoiser` takes it.
+    """
     out = {}
     for style in styles:
         reference = measures.Reference.build(world.mixture(style), seed=seed + 7919 * (style + 1))
@@ -201,9 +284,11 @@ def evaluate(world: ToyWorld, bases: dict, student, styles, *, samples: int, see
     return out
 
 
-def metrics_json(per_style: dict, seen_styles, run: dict) -> dict:
-    averaged = {name: measures.average({s: per_style[s][name] for s in seen_styles}) for name in MODELS}
-    return {**averaged, "per_style": {str(s): v for s, v in per_style.items()}, "run": run}
+def metrics_json(per_style: dict, seen_styles, run: dict, discriminator: dict | None = None) -> dict:
+    models = next(iter(per_style.values())).keys()
+    averaged = {name: measures.average({s: per_style[s][name] for s in seen_styles}) for name in models}
+    extra = {} if discriminator is None else {"discriminator": discriminator}
+    return {**averaged, "per_style": {str(s): v for s, v in per_style.items()}, **extra, "run": run}
 
 
 def format_table(metrics: dict, seen_styles, held_out_styles) -> str:
@@ -212,7 +297,7 @@ def format_table(metrics: dict, seen_styles, held_out_styles) -> str:
         header += f"| {'held-out style ' + str(s):^34s}"
     sub = f"{'model':12s}" + f"| {'distance':>10s} {'mode err':>10s} {'coverage':>10s} " * (1 + len(held_out_styles))
     lines = [header, sub, "-" * len(sub)]
-    for name in MODELS:
+    for name in (m for m in MODELS if m in metrics):
         rows = [metrics[name]] + [metrics["per_style"][str(s)][name] for s in held_out_styles]
         lines.append(f"{name:12s}" + "".join(
             f"| {r['distance']:10.4f} {r['nearest_mode_error']:10.4f} {r['coverage']:10.3f} " for r in rows))
@@ -321,9 +406,13 @@ def loss_plot(history: list[dict]) -> np.ndarray:
     mse = [float(np.log10(h["mse"])) if "mse" in h and h["mse"] > 0 else None for h in history]
     adv = {name: [h.get(key) for h in history] for name, key in
            (("D loss", "d"), ("G loss", "g"), ("D prefers teacher", "preference"))}
+    # chance levels drawn across the adversarial phases, so a reader sees D's curves leave them
+    adversarial = [h.get("d") is not None for h in history]
+    adv["ln 4 (D at chance)"] = [math.log(4) if a else None for a in adversarial]
     top = plot_series({"log10 MSE": _smooth(mse)}, "MSE phases", (720, 300), borders)
+    stages = ", ".join(dict.fromkeys(h["stage"] for h, a in zip(history, adversarial) if a))
     bottom = plot_series({k: _smooth(v, 20) for k, v in adv.items()},
-                         "adversarial phases (8->4: D, D'; 4->2: D, D')", (720, 300), borders)
+                         f"adversarial phases ({stages}: D, then D')", (720, 300), borders)
     return np.concatenate([top, bottom], axis=0)
 
 
@@ -345,26 +434,32 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, echo=print) -> dict:
             echo(f"  stage {entry['stage']}: {entry['phase']} phase")
 
     echo(f"training on styles {list(config.seen_styles)} (seed {config.seed})")
-    _, history = train(config, world, bases, lanes, student, out_dir=out, callback=progress)
+    results, history, students = train_both(config, world, bases, lanes, student, out_dir=out, callback=progress)
     trained = time.perf_counter()
-    per_style = evaluate(world, bases, student, styles, samples=config.eval_samples, seed=config.seed)
+    per_style = evaluate(world, bases, students, styles, samples=config.eval_samples, seed=config.seed)
+    discriminator = discriminator_check(results, lanes, discriminator_factory(world, bases, config.world.styles),
+                                        clips=config.eval_samples // 2, seed=config.seed)
     evaluated = time.perf_counter()
-    grid = sample_grid(world, bases, student, styles, clips=config.video_samples, seed=config.seed,
+    grid = sample_grid(world, bases, students, styles, clips=config.video_samples, seed=config.seed,
                        held_out=config.held_out_styles)
     write_video(grid, out / "samples.mp4")
     write_png(grid[grid.shape[0] // 2], out / "samples.png")
     write_png(loss_plot(history), out / "losses.png")
     finished = time.perf_counter()
-    run = {"seed": config.seed, "adversarial": config.adversarial, "seen_styles": list(config.seen_styles),
+    run = {"seed": config.seed, "seen_styles": list(config.seen_styles),
            "held_out_styles": list(config.held_out_styles), "eval_samples": config.eval_samples,
-           "stages": [{"name": st.name, "phases": [[p.kind, p.iterations, p.lr] for p in st.phases]}
-                      for st in config.stages()],
+           "view_grid": config.view_grid,
+           **{key: [{"name": st.name, "phases": [[p.kind, p.iterations, p.lr] for p in st.phases]} for st in plan]
+              for key, plan in (("stages", config.stages()), ("mse_only_stages", config.mse_only().stages()))},
            "seconds": {"train": round(trained - start, 1), "evaluate": round(evaluated - trained, 1),
                        "outputs": round(finished - evaluated, 1), "total": round(finished - start, 1)}}
-    metrics = metrics_json(per_style, config.seen_styles, run)
+    metrics = metrics_json(per_style, config.seen_styles, run, discriminator)
     with atomic_output(out / "metrics.json") as temporary:
         temporary.write_text(json.dumps(metrics, indent=2) + "\n")
     echo(format_table(metrics, config.seen_styles, config.held_out_styles))
+    echo("conditional D on held-out pairs (teacher's jump vs the entering student's; chance 0.5): " + "; ".join(
+        f"{name} {d['preference']:.2f} (ending at sigma 0: {d['final_preference']:.2f}; untrained "
+        f"{d['untrained']:.2f})" for name, d in discriminator.items()))
     echo(f"run time {run['seconds']['total']:.0f} s (train {run['seconds']['train']:.0f} s, evaluate "
          f"{run['seconds']['evaluate']:.0f} s, outputs {run['seconds']['outputs']:.0f} s); wrote {os.fspath(out)}")
     return metrics
