@@ -15,6 +15,7 @@ from .world import sigma_of
 
 
 FIT_FLOOR = 1e-3  # template fits closer than this (in template norms) are all "on the template"
+GRAM_RIDGE = 1e-6  # keeps the solve defined should training make two templates collinear
 # Near the end of sampling the evidence features run to tens of units; the fit enters at a comparable
 # scale, or the transformer's GroupNorm would shrink the sharp-against-blend gap to a few percent.
 FIT_GAIN = 8.0
@@ -72,30 +73,33 @@ class ToyBackbone(nn.Module):
         sigma = sigma_of(timestep.reshape(clips, frames)[:, 0]).to(torch.float32)
         evidence = frame_evidence(x_in.reshape(clips, frames, dim).float(), sigma, self.templates, self.spread)
         raw, _ = encoder_features(evidence, sigma, self.spread, self.template_scale)
-        fit = template_fit(x_in.reshape(clips, frames, dim).float(), evidence, sigma, self.spread, self.template_scale)
-        raw = torch.cat([raw, fit[..., None]], dim=-1)
+        fit = template_fit(x_in.reshape(clips, frames * dim).float(), sigma, self.templates)
+        raw = torch.cat([raw, fit[:, None, :, None].expand(clips, frames, k, 1)], dim=-1)
         emb = self.time(timestep_embedding(timestep, self.channels)) + extra_embedding  # [(clips*frames), width]
         h = (raw @ self.lift.T).reshape(clips * frames, k, self.channels) + emb[:, None, :]
         return self.motion(h.transpose(1, 2).unsqueeze(-1).contiguous(), video_length)
 
 
-def template_fit(x_in: torch.Tensor, evidence: torch.Tensor, sigma: torch.Tensor, spread: float,
-                 template_scale: torch.Tensor) -> torch.Tensor:
-    """``[clips, frames, K]``: per frame, the distance to the best-fitting template, in template norms.
+def template_fit(x_in: torch.Tensor, sigma: torch.Tensor, templates: torch.Tensor) -> torch.Tensor:
+    """``[clips, K]``: log of each clip's distance to each template clip, within the templates' span.
 
-    ``|x - a T|^2 = |x|^2 - 2 v * evidence`` (no second pass over the templates). A motion sits near its
-    template (few-step samplers end on a posterior mean, so nearer still than a true sample); a blend of
-    two motions sits a fraction of their separation away from both. Not in units of the noise variance
-    ``v``: at the end of sampling the jitter around a template is far below ``v`` and varies from sampler
-    to sampler, which would swamp the blend's offset. Broadcast over the templates so every template pixel
-    carries it.
+    Measured inside the span (the directions that tell motions apart), in units of the typical template
+    norm: the jitter of a motion around its template is hundreds of dimensions wide and barely shows there,
+    while a blend of two motions sits a fraction of their separation away from both. With ``w`` the span
+    coordinates of the clip (``G w = e``, ``e_k = x . T_k``, ``G`` the templates' Gram matrix),
+    ``|P x - a T_k|^2 = w . e - 2 a e_k + a^2 G_kk``.
     """
-    sigma = sigma.to(x_in.dtype)[:, None, None]
-    a2 = 1.0 / (sigma * sigma + 1.0)
-    v = a2 * spread ** 2 + sigma * sigma * a2
-    residual = x_in.square().sum(-1, keepdim=True) - 2 * v * evidence
-    best = residual.min(dim=-1, keepdim=True).values.clamp(min=0).sqrt() / template_scale
-    return torch.log(best.clamp(min=FIT_FLOOR)).expand_as(evidence)
+    clips = x_in.shape[0]
+    t = templates.reshape(templates.shape[0], -1).to(x_in.dtype)
+    x = x_in.reshape(clips, -1)
+    a = (1.0 / torch.sqrt(sigma.to(x.dtype) ** 2 + 1.0))[:, None]
+    gram = t @ t.T
+    gram = gram + GRAM_RIDGE * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=x.dtype, device=x.device)
+    e = x @ t.T
+    w = torch.linalg.solve(gram, e.T).T
+    squared = (w * e).sum(-1, keepdim=True) - 2 * a * e + a * a * gram.diagonal()[None]
+    distance = squared.clamp(min=0).sqrt() / gram.diagonal().mean().sqrt()
+    return torch.log(distance.clamp(min=FIT_FLOOR))
 
 
 def toy_discriminator(conditional: bool, *, base, num_bases: int) -> FlowDiscriminator:
