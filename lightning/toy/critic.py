@@ -98,8 +98,9 @@ def template_fit(x_in: torch.Tensor, sigma: torch.Tensor, templates: torch.Tenso
     e = x @ t.T
     w = torch.linalg.solve(gram, e.T).T
     squared = (w * e).sum(-1, keepdim=True) - 2 * a * e + a * a * gram.diagonal()[None]
-    distance = squared.clamp(min=0).sqrt() / gram.diagonal().mean().sqrt()
-    return torch.log(distance.clamp(min=FIT_FLOOR))
+    # floored before the root: sqrt's gradient at 0 is infinite, and the student is trained through D
+    scale = gram.diagonal().mean()
+    return 0.5 * torch.log(squared.clamp(min=FIT_FLOOR ** 2 * scale) / scale)
 
 
 def toy_discriminator(conditional: bool, *, base, num_bases: int) -> FlowDiscriminator:

@@ -177,41 +177,37 @@ def train(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | N
     return results, history
 
 
-def train_mse_only(config: DemoConfig, lanes, eight_step_student, *, callback=None) -> dict:
-    """The ablation's stages after the shared 32 -> 8 one, on a copy of ``eight_step_student``.
-
-    Returns ``{steps: a copy of the ablation's student after the stage that made it}``.
-    """
+def train_mse_only(config: DemoConfig, lanes, eight_step_student, *, callback=None):
+    """The ablation's stages after the shared 32 -> 8 one, on a copy of ``eight_step_student``."""
     from training.loop import run_stages
 
     student = copy.deepcopy(eight_step_student)
-    checkpoints = {}
     # its own data stream: the same seed would replay the adversarial run's clips, which is no ablation
     run_stages(config.mse_only().stages()[1:], lanes, student, clips=config.mse_clips,
-               generator=torch.Generator().manual_seed(config.seed + 1), callback=callback,
-               after_stage=lambda r, m: checkpoints.__setitem__(r.stage.student_steps, copy.deepcopy(m)))
-    return checkpoints
+               generator=torch.Generator().manual_seed(config.seed + 1), callback=callback)
+    return student
 
 
 def train_both(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | None = None, callback=None,
                after_stage=None):
     """The demo's student (in place) and its mse-only ablation from the same 8-step student.
 
-    Returns ``(results, history, students)`` with ``students = {"student": {steps: module}, "mse-only":
-    {steps: module}}``: like Lightning's 1/2/4/8-step files, each step count is sampled with the student
-    of the stage that made it (a copy), not with the last one.
+    Returns ``(results, history, students)`` with ``students = {"student": ..., "mse-only": ...}``, both the
+    final (1-step) students: "student@4" is that student sampled with 4 steps, as in the paper's table of
+    one model at several step counts (the files of the earlier stages are saved beside it).
     """
-    checkpoints = {}
+    eight = {}
 
-    def keep(result, module):
-        checkpoints[result.stage.student_steps] = copy.deepcopy(module)
+    def keep_eight(result, module):
+        if result.stage.student_steps == 8:
+            eight["student"] = copy.deepcopy(module)
         if after_stage is not None:
             after_stage(result, module)
 
     results, history = train(config, world, bases, lanes, student, out_dir=out_dir, callback=callback,
-                             after_stage=keep)
-    ablation = train_mse_only(config, lanes, checkpoints[8])
-    return results, history, {STUDENT: checkpoints, MSE_ONLY: ablation}
+                             after_stage=keep_eight)
+    ablation = train_mse_only(config, lanes, eight["student"])
+    return results, history, {STUDENT: student, MSE_ONLY: ablation}
 
 
 def discriminator_check(results, lanes, make_discriminator, *, clips: int, seed: int) -> dict:
