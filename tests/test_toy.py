@@ -174,6 +174,13 @@ SEEDS = (0, 1, 2)
 
 def run_pipeline(styles=None, models=demo.MODELS, samples=None, mse_only=True, **overrides):
     """Train with ``CI`` + ``overrides`` (and the mse-only ablation unless told not to); evaluate ``models``."""
+    # module-scoped fixtures start before the autouse one_thread: a second spinning thread on a busy
+    # machine makes these tiny ops several times slower
+    with loop.pinned_threads(1):
+        return _run_pipeline(styles, models, samples, mse_only, overrides)
+
+
+def _run_pipeline(styles, models, samples, mse_only, overrides):
     config = demo.DemoConfig(**{**CI, **overrides})
     world, bases, lanes, student = demo.build(config)
     base_state = {i: copy.deepcopy(b.state_dict()) for i, b in bases.items()}
