@@ -17,7 +17,7 @@ from .world import sigma_of
 FIT_FLOOR = 1e-3  # template fits closer than this (in template norms) are all "on the template"
 GRAM_RIDGE = 1e-6  # keeps the solve defined should training make two templates collinear
 # Near the end of sampling the evidence features run to tens of units; the fit enters at a comparable
-# scale, or the transformer's GroupNorm would shrink the sharp-against-blend gap to a few percent.
+# scale, or the transformer's GroupNorm would shrink the motion-against-blend gap to a few percent.
 FIT_GAIN = 8.0
 
 
@@ -38,11 +38,11 @@ class ToyBackbone(nn.Module):
     of the base's lift; then the time + base-index embedding is added and a temporal transformer runs over
     the frames of each template "pixel". Templates, lift and all the rest are trained.
 
-    One feature the base's encoder lacks is added: the **template fit**, how far each frame is from template
-    k at this noise level, as a z-score of the residual's chi-square (about 0 for a motion plus noise, large
-    for a blend of two motions). Evidence is linear in the frame and cannot tell "motion 3" from "half of
-    motion 3 plus half of motion 4" without a threshold D would first have to learn; with the fit it tells
-    blurred from sharp jumps from the first iterations, so its loss leaves ln 4 within a short phase.
+    One feature the base's encoder lacks is added to every template pixel: the **template fit**, the log of
+    the clip's distance to that template clip (:func:`template_fit`). Evidence is linear in the clip: "motion
+    3" and "half of motion 3 plus half of motion 4" differ in it only by a threshold D would first have to
+    learn, and with the few dozen steps of a toy phase it did not (its preference for the teacher's jump
+    stayed at chance). The fit is small for a motion and a fraction of the separation for a blend.
     Shapes: ``[(clips*frames), C, s, s]`` -> ``[(clips*frames), width, K, 1]`` (K templates).
     """
 

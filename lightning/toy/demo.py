@@ -24,8 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -193,8 +193,8 @@ def train_both(config: DemoConfig, world, bases, lanes, student, *, out_dir: Pat
     """The demo's student (in place) and its mse-only ablation from the same 8-step student.
 
     Returns ``(results, history, students)`` with ``students = {"student": ..., "mse-only": ...}``, both the
-    final (1-step) students: "student@4" is that student sampled with 4 steps, as in the paper's table of
-    one model at several step counts (the files of the earlier stages are saved beside it).
+    final (1-step) students; "student@4" is that student sampled with 4 steps, as the demo has always
+    measured (the files of the earlier stages are saved beside it).
     """
     eight = {}
 
@@ -245,20 +245,15 @@ def generate(world: ToyWorld, denoiser, steps: int, clips: int, seed: int) -> to
 def model_denoiser(world: ToyWorld, base, students, name: str):
     """``"teacher@N"`` is the exact denoiser, ``"student@N"`` / ``"mse-only@N"`` the base with that student.
 
-    ``students``: one module (the ``"student"``, at every step count), or ``{"student": ..., "mse-only": ...}``
-    whose values are a module or ``{steps: module}`` (the student made for N steps samples N steps).
+    ``students``: one module (the ``"student"``) or ``{"student": module, "mse-only": module}``.
     """
     who, steps = name.split("@")
-    steps = int(steps)
     if who == "teacher":
-        return world.exact_denoiser(base.index), steps
+        return world.exact_denoiser(base.index), int(steps)
     students = students if isinstance(students, dict) else {STUDENT: students}
-    module = students.get(who)
-    if isinstance(module, dict):
-        module = module.get(steps)
-    if module is None:
-        raise InvalidInputError(f"no {who!r} student for {steps} steps to evaluate {name!r}")
-    return distill.denoiser_for(base, module), steps
+    if who not in students:
+        raise InvalidInputError(f"no {who!r} student to evaluate {name!r}; have {sorted(students)}")
+    return distill.denoiser_for(base, students[who]), int(steps)
 
 
 def evaluate(world: ToyWorld, bases: dict, student, styles, *, samples: int, seed: int, models=MODELS) -> dict:
@@ -400,7 +395,8 @@ def loss_plot(history: list[dict]) -> np.ndarray:
            (("D loss", "d"), ("G loss", "g"), ("D prefers teacher", "preference"))}
     # chance levels drawn across the adversarial phases, so a reader sees D's curves leave them
     adversarial = [h.get("d") is not None for h in history]
-    adv["ln 4 (D at chance)"] = [math.log(4) if a else None for a in adversarial]
+    adv["ln 4 (D loss at chance)"] = [math.log(4) if a else None for a in adversarial]
+    adv["0.5 (preference at chance)"] = [0.5 if a else None for a in adversarial]
     top = plot_series({"log10 MSE": _smooth(mse)}, "MSE phases", (720, 300), borders)
     stages = ", ".join(dict.fromkeys(h["stage"] for h, a in zip(history, adversarial) if a))
     bottom = plot_series({k: _smooth(v, 20) for k, v in adv.items()},
