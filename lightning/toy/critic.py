@@ -59,6 +59,7 @@ class ToyBackbone(nn.Module):
         self.templates = nn.Parameter(templates.to(torch.float32).clone())
         lift = base.lift.detach().to(torch.float32)
         fit_column = FIT_GAIN * torch.randn(width, 1, generator=torch.Generator().manual_seed(0)) / math.sqrt(width)
+        fit_column = fit_column.to(lift.device)  # a memory plan builds D from a base on the meta device
         self.lift = nn.Parameter(torch.cat([lift, fit_column], dim=1))
         self.time = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         # zero_init=False: a discriminator starts from random weights, not from an identity module
