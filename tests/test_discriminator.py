@@ -109,7 +109,9 @@ def test_any_backbone_plugs_in():
 def test_toy_backbone_starts_from_the_base_encoder_and_checks_its_inputs(base):
     b = ToyBackbone(base)
     torch.testing.assert_close(b.templates.detach(), base.templates.detach().float())
-    torch.testing.assert_close(b.lift.detach(), base.lift.detach())
+    raw = base.lift.shape[1]
+    torch.testing.assert_close(b.lift.detach()[:, :raw], base.lift.detach())
+    assert b.lift.shape[1] == raw + 1  # plus the template fit, a feature the base's encoder lacks
     x, t = clips(1, 0)
     assert b(x, t, None, torch.zeros(FRAMES, 32), FRAMES).shape == (FRAMES, 32, K, 1)
     with pytest.raises(InvalidInputError, match="built for 8-frame clips"):

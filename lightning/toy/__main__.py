@@ -1,4 +1,4 @@
-"""``python -m lightning.toy --seed S --out DIR``: the toy-world distillation demo (see :mod:`lightning.toy.demo`)."""
+"""``python -m lightning.toy --seed S --out DIR``: the toy-world distillation demo and its MSE-only ablation (see :mod:`lightning.toy.demo`)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the toy's many tiny ops gain nothing from more, and a "
                              "second spinning thread slows everything down on a busy machine)")
-    parser.add_argument("--mse-only", action="store_true",
-                        help="ablation: distil 8->4 and 4->2 with MSE instead of the discriminators (same iterations)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    run_demo(args.out, DemoConfig(seed=args.seed, adversarial=not args.mse_only))
+    run_demo(args.out, DemoConfig(seed=args.seed))
     return 0
 
 

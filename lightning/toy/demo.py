@@ -1,15 +1,19 @@
-"""The toy-world demo: progressive adversarial distillation 32 -> 8 -> 4 -> 2 on CPU, measured.
+"""The toy-world demo: progressive adversarial distillation 32 -> 8 -> 4 -> 2 -> 1 on CPU, measured.
 
 ``python -m lightning.toy --seed S --out DIR`` trains one motion module on styles 0, 1, 2 with the real
-:mod:`lightning.distill` code, then samples the exact teacher and the student with the real sampler and
-writes into DIR:
+:mod:`lightning.distill` code (32 -> 8 with MSE, then 8 -> 4, 4 -> 2 and 2 -> 1 each with the conditional
+D, then the unconditional D'), and, from the same 8-step student, the ablation that replaces D and D' by
+MSE at the same budget ("mse-only"). It samples the exact teacher and both students with the real sampler
+and writes into DIR:
 
-- ``metrics.json``: ``"teacher@32"``, ``"teacher@4"``, ``"teacher@2"``, ``"student@4"``, ``"student@2"`` ->
-  ``{"distance", "nearest_mode_error", "coverage"}`` averaged over the seen styles, ``"per_style"`` with every
-  style (the held-out one included), and ``"run"`` (seed, styles, timings);
-- ``samples.mp4``: per style, teacher@32 | teacher@4 | student@4 | student@2 side by side (same noise);
+- ``metrics.json``: every model of :data:`MODELS` (``"teacher@32"`` ... ``"student@1"``, ``"mse-only@4"`` ...
+  ``"mse-only@1"``) -> ``{"distance", "nearest_mode_error", "coverage"}`` averaged over the seen styles,
+  ``"per_style"`` with every style (the held-out one included), ``"discriminator"`` (per adversarial stage,
+  how well its conditional D told teacher jumps from student jumps on pairs it had not yet trained on, see
+  :func:`discriminator_learning`) and ``"run"`` (seed, styles, timings);
+- ``samples.mp4``: per style, the models of :data:`VIDEO_COLUMNS` side by side (same noise);
 - ``samples.png``: the middle frame of that video; ``losses.png``: the training curves;
-- ``student_{8,4,2}step.safetensors``: the student after each stage, in the original AnimateDiff layout.
+- ``student_{8,4,2,1}step.safetensors``: the student after each stage, in the original AnimateDiff layout.
 
 It prints the table and the run time. Learning rates are the paper's scaled by ``lr_scale`` (ratios and
 Adam betas kept), because a CPU run has a few hundred iterations, not the paper's many thousands.
@@ -17,9 +21,11 @@ Adam betas kept), because a CPU run has a few hundred iterations, not the paper'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -37,8 +43,19 @@ from .world import ToyWorld, WorldConfig
 
 log = logging.getLogger(__name__)
 
-MODELS = ("teacher@32", "teacher@4", "teacher@2", "student@4", "student@2")
-VIDEO_COLUMNS = ("teacher@32", "teacher@4", "student@4", "student@2")
+MODELS = ("teacher@32", "teacher@4", "teacher@2", "teacher@1", "student@4", "student@2", "student@1",
+          "mse-only@4", "mse-only@2", "mse-only@1")
+VIDEO_COLUMNS = ("teacher@32", "teacher@2", "student@4", "student@2", "mse-only@2", "student@1", "mse-only@1")
+STUDENT = "student"  # the adversarially distilled student
+MSE_ONLY = "mse-only"  # the ablation: MSE in place of D and D'
+
+
+#: The adversarial stages after the 32 -> 8 MSE stage, as (teacher steps, student steps).
+ADVERSARIAL_STAGES = ((8, 4), (4, 2), (2, 1))
+
+
+def _demo_world() -> WorldConfig:
+    return WorldConfig(angle_offset=0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +65,25 @@ class DemoConfig:
     held_out_styles: tuple[int, ...] = (3,)
     width: int = 32  # motion-module channels
     style_perturbation: float = 1.0  # how far each style's frozen lift/read-out is from the shared one
+    view_grid: int = 4  # the motion module sees each 8x8 frame pooled to 4x4 (see lightning.toy.models)
     lr_scale: float = 1000.0  # MSE lr 1e-2, adversarial 5e-4 (paper: 1e-5 and 5e-7; ratio and betas kept)
     mse_iterations: int = 150  # 32 -> 8, MSE: the toy's stand-in for the paper's 128 -> 32 MSE stage
-    # (conditional D, then unconditional D') iterations of the adversarial stages 8 -> 4 and 4 -> 2
-    adversarial_iterations: tuple[tuple[int, int], tuple[int, int]] = ((100, 100), (100, 100))
+    # (conditional D, then unconditional D') iterations of the adversarial stages 8 -> 4, 4 -> 2, 2 -> 1
+    adversarial_iterations: tuple[tuple[int, int], ...] = ((100, 100), (100, 100), (100, 100))
     mse_clips: int = 16  # clips per style per iteration
     adversarial_clips: int = 8  # fewer: every adversarial iteration also runs D three times
     eval_samples: int = 1024
     video_samples: int = 3  # clips per cell of the video
-    # False: the ablation of the paper's claim - the 8 -> 4 and 4 -> 2 stages use MSE against the teacher's
-    # jump instead of D and D', with the same iterations, clips and the MSE learning rate
+    # False: the ablation of the paper's claim - the adversarial stages use MSE against the teacher's jump
+    # instead of D and D', with the same iterations, clips and the MSE learning rate
     adversarial: bool = True
-    world: WorldConfig = dataclasses.field(default_factory=WorldConfig)
+    world: WorldConfig = dataclasses.field(default_factory=_demo_world)
+
+    def __post_init__(self):
+        if len(self.adversarial_iterations) != len(ADVERSARIAL_STAGES):
+            raise InvalidInputError(f"adversarial_iterations needs (conditional, unconditional) for each of the "
+                                    f"stages {[f'{t}->{s}' for t, s in ADVERSARIAL_STAGES]}, got "
+                                    f"{self.adversarial_iterations!r}")
 
     def stages(self) -> tuple[distill.Stage, ...]:
         """The paper's plan from 32 steps on: one MSE stage, then adversarial stages (D, then D').
@@ -74,16 +98,18 @@ class DemoConfig:
         def adversarial(teacher, student, iterations):
             cond, uncond = iterations
             if not self.adversarial:
-                return distill.Stage(teacher, student,
-                                     (distill.mse_phase(cond + uncond, mse_lr, self.adversarial_clips),),
-                                     extra_timesteps=distill.EXTRA_TIMESTEPS.get(student, ()))
-            phases = (distill.adversarial_phase(distill.CONDITIONAL, cond, adv_lr, self.adversarial_clips),
-                      distill.adversarial_phase(distill.UNCONDITIONAL, uncond, adv_lr, self.adversarial_clips))
+                phases = (distill.mse_phase(cond + uncond, mse_lr, self.adversarial_clips),)
+            else:
+                phases = (distill.adversarial_phase(distill.CONDITIONAL, cond, adv_lr, self.adversarial_clips),
+                          distill.adversarial_phase(distill.UNCONDITIONAL, uncond, adv_lr, self.adversarial_clips))
             return distill.Stage(teacher, student, tuple(p for p in phases if p.iterations > 0),
                                  extra_timesteps=distill.EXTRA_TIMESTEPS.get(student, ()))
 
-        return (first, adversarial(8, 4, self.adversarial_iterations[0]),
-                adversarial(4, 2, self.adversarial_iterations[1]))
+        return (first, *(adversarial(t, s, i) for (t, s), i in zip(ADVERSARIAL_STAGES, self.adversarial_iterations)))
+
+    def mse_only(self) -> DemoConfig:
+        """The ablation of this run: the same plan and budget with MSE in place of D and D'."""
+        return dataclasses.replace(self, adversarial=False)
 
 
 # --- building and training ------------------------------------------------------------------------------
@@ -105,7 +131,8 @@ def build(config: DemoConfig):
     world = ToyWorld(config.world)
     styles = sorted(set(config.seen_styles) | set(config.held_out_styles))
     bases = {b.index: b for b in make_bases(world, styles, width=config.width, seed=config.seed,
-                                            style_perturbation=config.style_perturbation)}
+                                            style_perturbation=config.style_perturbation,
+                                            view_grid=config.view_grid)}
     lanes = [distill.Lane(bases[s], data_source(world, s), world.config.frames) for s in config.seen_styles]
     torch.manual_seed(config.seed)
     return world, bases, lanes, make_motion_module(config.width)
@@ -150,6 +177,58 @@ def train(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | N
     return results, history
 
 
+def train_mse_only(config: DemoConfig, lanes, eight_step_student, *, callback=None):
+    """The ablation's stages after the shared 32 -> 8 one, on a copy of ``eight_step_student``."""
+    from training.loop import run_stages
+
+    student = copy.deepcopy(eight_step_student)
+    # its own data stream: the same seed would replay the adversarial run's clips, which is no ablation
+    run_stages(config.mse_only().stages()[1:], lanes, student, clips=config.mse_clips,
+               generator=torch.Generator().manual_seed(config.seed + 1), callback=callback)
+    return student
+
+
+def train_both(config: DemoConfig, world, bases, lanes, student, *, out_dir: Path | None = None, callback=None,
+               after_stage=None):
+    """The demo's student (in place) and its mse-only ablation from the same 8-step student.
+
+    Returns ``(results, history, students)`` with ``students = {"student": ..., "mse-only": ...}``, both the
+    final (1-step) students; "student@4" is that student sampled with 4 steps, as the demo has always
+    measured (the files of the earlier stages are saved beside it).
+    """
+    eight = {}
+
+    def keep_eight(result, module):
+        if result.stage.student_steps == 8:
+            eight["student"] = copy.deepcopy(module)
+        if after_stage is not None:
+            after_stage(result, module)
+
+    results, history = train(config, world, bases, lanes, student, out_dir=out_dir, callback=callback,
+                             after_stage=keep_eight)
+    ablation = train_mse_only(config, lanes, eight["student"])
+    return results, history, {STUDENT: student, MSE_ONLY: ablation}
+
+
+def discriminator_learning(history: list[dict]) -> dict:
+    """Per adversarial stage, how its conditional D did over its phase.
+
+    Every iteration scores fresh pairs before D trains on them, so these are held-out figures:
+    ``"preference"``, how often D scored the teacher's jump above the student's from the same x_t (0.5 is
+    chance); ``"accuracy"`` (teacher's jumps called real, the student's fake); ``"d"``, its loss (ln 4 at
+    chance). Means over the whole phase: as D learns, the student learns to fool it, so D's edge is
+    largest early and fades towards chance as the student's jumps become the teacher's.
+    """
+    phases: dict[str, list[dict]] = {}
+    for entry in history:
+        if entry["phase"] == distill.CONDITIONAL:
+            phases.setdefault(entry["stage"], []).append(entry)
+    out = {}
+    for stage, entries in phases.items():
+        out[stage] = {key: sum(e[key] for e in entries) / len(entries) for key in ("preference", "accuracy", "d")}
+    return out
+
+
 # --- evaluation -----------------------------------------------------------------------------------------
 
 def generate(world: ToyWorld, denoiser, steps: int, clips: int, seed: int) -> torch.Tensor:
@@ -163,16 +242,25 @@ def generate(world: ToyWorld, denoiser, steps: int, clips: int, seed: int) -> to
         return sampling.sample(denoiser, noise, schedule.sigmas(steps), noise_scaling="comfyui")
 
 
-def model_denoiser(world: ToyWorld, base, student, name: str):
-    """``"teacher@N"`` is the exact denoiser, ``"student@N"`` the base with the student plugged in."""
+def model_denoiser(world: ToyWorld, base, students, name: str):
+    """``"teacher@N"`` is the exact denoiser, ``"student@N"`` / ``"mse-only@N"`` the base with that student.
+
+    ``students``: one module (the ``"student"``) or ``{"student": module, "mse-only": module}``.
+    """
     who, steps = name.split("@")
     if who == "teacher":
         return world.exact_denoiser(base.index), int(steps)
-    return distill.denoiser_for(base, student), int(steps)
+    students = students if isinstance(students, dict) else {STUDENT: students}
+    if who not in students:
+        raise InvalidInputError(f"no {who!r} student to evaluate {name!r}; have {sorted(students)}")
+    return distill.denoiser_for(base, students[who]), int(steps)
 
 
 def evaluate(world: ToyWorld, bases: dict, student, styles, *, samples: int, seed: int, models=MODELS) -> dict:
-    """``{style: {model: measures}}``; every model of a style starts from the same noise."""
+    """``{style: {model: measures}}``; every model of a style starts from the same noise.
+
+    ``student``: as :func:`model_denoiser` takes it.
+    """
     out = {}
     for style in styles:
         reference = measures.Reference.build(world.mixture(style), seed=seed + 7919 * (style + 1))
@@ -183,9 +271,11 @@ def evaluate(world: ToyWorld, bases: dict, student, styles, *, samples: int, see
     return out
 
 
-def metrics_json(per_style: dict, seen_styles, run: dict) -> dict:
-    averaged = {name: measures.average({s: per_style[s][name] for s in seen_styles}) for name in MODELS}
-    return {**averaged, "per_style": {str(s): v for s, v in per_style.items()}, "run": run}
+def metrics_json(per_style: dict, seen_styles, run: dict, discriminator: dict | None = None) -> dict:
+    models = next(iter(per_style.values())).keys()
+    averaged = {name: measures.average({s: per_style[s][name] for s in seen_styles}) for name in models}
+    extra = {} if discriminator is None else {"discriminator": discriminator}
+    return {**averaged, "per_style": {str(s): v for s, v in per_style.items()}, **extra, "run": run}
 
 
 def format_table(metrics: dict, seen_styles, held_out_styles) -> str:
@@ -194,7 +284,7 @@ def format_table(metrics: dict, seen_styles, held_out_styles) -> str:
         header += f"| {'held-out style ' + str(s):^34s}"
     sub = f"{'model':12s}" + f"| {'distance':>10s} {'mode err':>10s} {'coverage':>10s} " * (1 + len(held_out_styles))
     lines = [header, sub, "-" * len(sub)]
-    for name in MODELS:
+    for name in (m for m in MODELS if m in metrics):
         rows = [metrics[name]] + [metrics["per_style"][str(s)][name] for s in held_out_styles]
         lines.append(f"{name:12s}" + "".join(
             f"| {r['distance']:10.4f} {r['nearest_mode_error']:10.4f} {r['coverage']:10.3f} " for r in rows))
@@ -303,9 +393,14 @@ def loss_plot(history: list[dict]) -> np.ndarray:
     mse = [float(np.log10(h["mse"])) if "mse" in h and h["mse"] > 0 else None for h in history]
     adv = {name: [h.get(key) for h in history] for name, key in
            (("D loss", "d"), ("G loss", "g"), ("D prefers teacher", "preference"))}
+    # chance levels drawn across the adversarial phases, so a reader sees D's curves leave them
+    adversarial = [h.get("d") is not None for h in history]
+    adv["ln 4 (D loss at chance)"] = [math.log(4) if a else None for a in adversarial]
+    adv["0.5 (preference at chance)"] = [0.5 if a else None for a in adversarial]
     top = plot_series({"log10 MSE": _smooth(mse)}, "MSE phases", (720, 300), borders)
+    stages = ", ".join(dict.fromkeys(h["stage"] for h, a in zip(history, adversarial) if a))
     bottom = plot_series({k: _smooth(v, 20) for k, v in adv.items()},
-                         "adversarial phases (8->4: D, D'; 4->2: D, D')", (720, 300), borders)
+                         f"adversarial phases ({stages}: D, then D')", (720, 300), borders)
     return np.concatenate([top, bottom], axis=0)
 
 
@@ -327,26 +422,31 @@ def run_demo(out_dir, config: DemoConfig | None = None, *, echo=print) -> dict:
             echo(f"  stage {entry['stage']}: {entry['phase']} phase")
 
     echo(f"training on styles {list(config.seen_styles)} (seed {config.seed})")
-    _, history = train(config, world, bases, lanes, student, out_dir=out, callback=progress)
+    _, history, students = train_both(config, world, bases, lanes, student, out_dir=out, callback=progress)
     trained = time.perf_counter()
-    per_style = evaluate(world, bases, student, styles, samples=config.eval_samples, seed=config.seed)
+    per_style = evaluate(world, bases, students, styles, samples=config.eval_samples, seed=config.seed)
+    discriminator = discriminator_learning(history)
     evaluated = time.perf_counter()
-    grid = sample_grid(world, bases, student, styles, clips=config.video_samples, seed=config.seed,
+    grid = sample_grid(world, bases, students, styles, clips=config.video_samples, seed=config.seed,
                        held_out=config.held_out_styles)
     write_video(grid, out / "samples.mp4")
     write_png(grid[grid.shape[0] // 2], out / "samples.png")
     write_png(loss_plot(history), out / "losses.png")
     finished = time.perf_counter()
-    run = {"seed": config.seed, "adversarial": config.adversarial, "seen_styles": list(config.seen_styles),
+    run = {"seed": config.seed, "seen_styles": list(config.seen_styles),
            "held_out_styles": list(config.held_out_styles), "eval_samples": config.eval_samples,
-           "stages": [{"name": st.name, "phases": [[p.kind, p.iterations, p.lr] for p in st.phases]}
-                      for st in config.stages()],
+           "view_grid": config.view_grid,
+           **{key: [{"name": st.name, "phases": [[p.kind, p.iterations, p.lr] for p in st.phases]} for st in plan]
+              for key, plan in (("stages", config.stages()), ("mse_only_stages", config.mse_only().stages()))},
            "seconds": {"train": round(trained - start, 1), "evaluate": round(evaluated - trained, 1),
                        "outputs": round(finished - evaluated, 1), "total": round(finished - start, 1)}}
-    metrics = metrics_json(per_style, config.seen_styles, run)
+    metrics = metrics_json(per_style, config.seen_styles, run, discriminator)
     with atomic_output(out / "metrics.json") as temporary:
         temporary.write_text(json.dumps(metrics, indent=2) + "\n")
     echo(format_table(metrics, config.seen_styles, config.held_out_styles))
+    echo("conditional D over its phase, on pairs it had not trained on (chance 0.5, ln 4 = 1.386): "
+         + "; ".join(f"{name} prefers the teacher's jump {d['preference']:.2f}, accuracy {d['accuracy']:.2f}, "
+                     f"loss {d['d']:.3f}" for name, d in discriminator.items()))
     echo(f"run time {run['seconds']['total']:.0f} s (train {run['seconds']['train']:.0f} s, evaluate "
          f"{run['seconds']['evaluate']:.0f} s, outputs {run['seconds']['outputs']:.0f} s); wrote {os.fspath(out)}")
     return metrics

@@ -6,7 +6,9 @@ exact posterior of its style's mixture, written as an encoder, a bottleneck and 
 
 - **encoder**: per frame f and motion k, the evidence that frame f shows motion k (the frame's share of
   component k's log-likelihood), the clip-level log-responsibility of k, and the noise level. These raw
-  features are lifted to ``width`` channels by a frozen matrix.
+  features are lifted to ``width`` channels by a frozen matrix. The encoder looks at each frame through a
+  coarse ``view_grid`` x ``view_grid`` pooling (a UNet's bottleneck has lost the fine detail too): the
+  motion module can only judge a clip from that lossy view, while the base's own posterior stays exact.
 - **bottleneck**: a ``[(clips*frames), width, K, 1]`` feature map - one "pixel" per motion template, so each
   pixel has already pooled the whole frame, as a UNet bottleneck has. The motion module (our real
   :class:`~lightning.motion_module.TemporalTransformer`) attends over the frames of each of these pixels,
@@ -19,6 +21,12 @@ With the zero-initialised motion modules the feature change is exactly zero, so 
 teacher at initialisation, bit for bit. What the modules can learn is what few-step sampling lacks: to
 commit to one motion (sharpen the responsibilities) earlier than the exact posterior does at that noise
 level, consistently across frames.
+
+Why the lossy view: with the exact evidence the module can reproduce any teacher jump, so MSE distillation
+alone already makes sharp 2-step students and a discriminator has nothing to add. Through the pooled view,
+which motion a many-step teacher ends on from pure noise depends on detail the module cannot see; the
+MSE-optimal jump is then the blend of the motions the view leaves possible (the blur of real few-step
+MSE students), while a discriminator rewards committing to one of them.
 
 Styles differ like fine-tuned base models: each renders the motions in its own look (so its templates and
 evidence scales differ), and its frozen lift and read-out are the shared ones plus a style-specific random
@@ -82,6 +90,22 @@ def encoder_features(evidence: torch.Tensor, sigma: torch.Tensor, spread: float,
     return raw, unit
 
 
+def pool_frames(x: torch.Tensor, latent_shape: tuple[int, int, int], grid: int) -> torch.Tensor:
+    """``[..., frame_dim]`` frames -> ``[..., channels*grid*grid]``: block sums divided by the block side.
+
+    That is the orthogonal projection onto block-constant frames, so isotropic noise stays isotropic with the
+    same variance and :func:`frame_evidence` of pooled frames against pooled templates is exact for them.
+    """
+    channels, size, _ = latent_shape
+    if grid < 1 or size % grid:
+        raise InvalidInputError(f"view_grid must divide the latent size {size}, got {grid!r}")
+    block = size // grid
+    if block == 1:
+        return x
+    blocks = x.reshape(*x.shape[:-1], channels, grid, block, grid, block)
+    return blocks.sum(dim=(-3, -1)).reshape(*x.shape[:-1], channels * grid * grid) / block
+
+
 def make_motion_module(width: int = 32, *, heads: int = 4, norm_groups: int = 1) -> MotionModuleSet:
     """The toy student: a one-level motion-module set, zero-initialised (an exact identity).
 
@@ -109,7 +133,7 @@ class ToyBase(nn.Module):
     """
 
     def __init__(self, world: ToyWorld, style: int, *, width: int = 32, style_perturbation: float = 1.0,
-                 seed: int = 0):
+                 seed: int = 0, view_grid: int | None = None):
         super().__init__()
         self.world = world
         self.index = int(style)
@@ -125,6 +149,10 @@ class ToyBase(nn.Module):
         self.lift = nn.Parameter(lift.float(), requires_grad=False)
         self.readout = nn.Parameter(readout.float(), requires_grad=False)
         self.templates = nn.Parameter(frame_means, requires_grad=False)
+        # the motion module's view: None (or the full size) is the exact frame
+        self.view_grid = int(view_grid or world.config.size)
+        self.view_templates = nn.Parameter(pool_frames(frame_means, world.config.latent_shape, self.view_grid),
+                                           requires_grad=False)
         # Typical template norm per frame: the unit of evidence features and of logit changes.
         self.register_buffer("template_scale", frame_means.square().sum(-1).mean().sqrt())
 
@@ -142,13 +170,15 @@ class ToyBase(nn.Module):
         evidence = frame_evidence(x, sigma, self.templates, mixture.spread)
         logits = evidence.sum(dim=1, keepdim=True)  # [clips, 1, K]: the exact log-responsibilities (+ const)
         if motion_module is not None:
-            logits = logits + self._logit_change(motion_module, evidence, sigma)
+            logits = logits + self._logit_change(motion_module, x, sigma)
         weights = torch.softmax(logits, dim=-1).expand(clips, frames, -1)
         x0 = mixture.posterior_mean(x.reshape(clips, -1), sigma, weights)
         eps = mixture.eps_from_x0(x.reshape(clips, -1), sigma, x0)
         return eps.reshape(x_in.shape).to(x_in.dtype)
 
-    def _logit_change(self, motion_module, evidence, sigma) -> torch.Tensor:
+    def _logit_change(self, motion_module, x, sigma) -> torch.Tensor:
+        view = pool_frames(x, self.world.config.latent_shape, self.view_grid)
+        evidence = frame_evidence(view, sigma, self.view_templates, self.mixture.spread)
         clips, frames, k = evidence.shape
         raw, unit = encoder_features(evidence, sigma, self.mixture.spread, self.template_scale)
         features = raw.to(self.lift.dtype) @ self.lift.T  # [clips, frames, K, width]

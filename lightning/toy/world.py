@@ -46,6 +46,9 @@ class WorldConfig:
     amplitude: float = 0.3
     spread: float = 0.02
     speed: float = 0.7  # pixels per frame
+    # Motion k travels along angle (k + angle_offset) * 2*pi/K. Off the axes (0.5) no motion is a pure row or
+    # column shift, so a coarse (pooled) view of a frame cannot tell neighbouring motions apart as easily.
+    angle_offset: float = 0.0
     seed: int = 0  # only used for styles beyond the built-in tables
 
     def __post_init__(self):
@@ -192,7 +195,7 @@ class ToyWorld:
         clip goes on and only the early frames tell them apart.
         """
         cfg = self.config
-        angle = torch.arange(cfg.motions, dtype=torch.float64) * 2 * math.pi / cfg.motions
+        angle = (torch.arange(cfg.motions, dtype=torch.float64) + cfg.angle_offset) * 2 * math.pi / cfg.motions
         direction = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)  # [K, 2]
         centre = (cfg.size - 1) / 2
         behind = 2.5 * cfg.size / 8  # how far behind the centre the blob is at mid-clip
