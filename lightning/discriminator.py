@@ -25,6 +25,9 @@ from torch import nn
 from .errors import InvalidInputError
 
 MAX_GROUPS = 32
+#: Head width for the SD1.5 backbone. The paper gives none; the head's input width (2 x 1280 for D)
+#: would make the head alone larger than the motion module at 512x512x16.
+SD15_HEAD_CHANNELS = 512
 MIN_GROUP_CHANNELS = 16  # the head ends on 1x1x1 maps, where a group's statistics come from its channels alone
 
 

@@ -399,6 +399,8 @@ class PlanSettings:
 
 def _standin_parts(spec: StandIn, settings: PlanSettings, geometry: Geometry, phase_kind: str, device: str):
     """Modules on meta for one phase: resident bases, student (fp32, trainable), teacher, discriminator."""
+    from . import loop
+
     dtype = settings.compute_dtype(device)
     motion_kwargs = {"heads": spec.motion_heads, "norm_groups": spec.groups}
     unet_kwargs = {"model_channels": spec.model_channels, "channel_mult": spec.channel_mult, "heads": spec.heads,
@@ -409,10 +411,12 @@ def _standin_parts(spec: StandIn, settings: PlanSettings, geometry: Geometry, ph
             modules: dict[str, nn.Module] = {}
             for i in range(settings.resident_count()):
                 base = sd15_standin.StandInUNet(index=i, **unet_kwargs).to(dtype).requires_grad_(False)
-                base.gradient_checkpointing = settings.checkpointing
                 modules[f"base{i}"] = base
             modules["student"] = MotionModuleSet(spec.channels, **motion_kwargs)  # fp32 masters
-            modules["teacher"] = MotionModuleSet(spec.channels, **motion_kwargs).to(dtype).requires_grad_(False)
+            # what the run checkpoints: the student's motion modules, not the frozen UNet's blocks
+            loop.set_gradient_checkpointing(modules["student"], settings.checkpointing)
+            # the run holds its teacher in float32 (``comfy_backend.load_teacher``), whatever the compute dtype
+            modules["teacher"] = MotionModuleSet(spec.channels, **motion_kwargs).requires_grad_(False)
             if phase_kind != distill.MSE:
                 encoder = sd15_standin.StandInUNet(encoder_only=True, **unet_kwargs)
                 backbone = sd15_standin.StandInBackbone(encoder, sd15_standin.down_mid_motion(spec.channels,
@@ -420,9 +424,12 @@ def _standin_parts(spec: StandIn, settings: PlanSettings, geometry: Geometry, ph
                 backbone.gradient_checkpointing = settings.d_checkpointing
                 down = 2 ** (len(spec.channel_mult) - 1)  # the UNet halves the latent at every level but the last
                 feature = (geometry.frames, -(-geometry.height // down), -(-geometry.width // down))
-                FlowDiscriminator = core("discriminator").FlowDiscriminator
-                disc = FlowDiscriminator(backbone, num_bases=settings.bases, feature_size=feature,
-                                         conditional=phase_kind == distill.CONDITIONAL)
+                discriminator = core("discriminator")
+                # the run's head width, narrowed with a narrow stand-in
+                disc = discriminator.FlowDiscriminator(
+                    backbone, num_bases=settings.bases, feature_size=feature,
+                    conditional=phase_kind == distill.CONDITIONAL,
+                    head_channels=min(discriminator.SD15_HEAD_CHANNELS, spec.channels[-1]))
                 set_discriminator_trainability(disc, settings.d_trainable, dtype)
                 modules["discriminator"] = disc
         return modules
@@ -877,7 +884,7 @@ def estimate(config, *, free_bytes: int | None = None, geometry: Geometry | None
         plan.model_source = ("stand-in SD1.5 UNet (training.sd15_standin: same parameters and block structure as "
                              "ComfyUI's)" if spec.full_size else f"stand-in UNet at reduced widths {spec.channels}")
         plan.remarks.append(f"the UNet traced is the stand-in, not ComfyUI's ({why_standin}): same parameters and "
-                            "blocks; activations differed from ComfyUI's UNet by up to 15% at 256x256")
+                            "blocks; its peak was 1-5% below ComfyUI's UNet's in the comparisons in the README")
     if device == "cuda":
         plan.remarks.append("traced on CPU fake tensors; CUDA kernels' scratch space is inside the allocator margin")
     if settings.optimizer == "adam8bit":

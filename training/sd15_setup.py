@@ -31,9 +31,7 @@ errors = pack_module("lightning.errors")
 discriminator_mod = pack_module("lightning.discriminator")
 distill = pack_module("lightning.distill")
 
-#: Width of the discriminator head's 3-D conv blocks. The paper gives none; the head's input width
-#: (2 x 1280 for D) would make the head alone larger than the motion module at 512x512x16.
-HEAD_CHANNELS = 512
+HEAD_CHANNELS = discriminator_mod.SD15_HEAD_CHANNELS
 
 try:  # the loop's Setup (training.loop); the same fields until that module is at hand
     from .loop import Setup
