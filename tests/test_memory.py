@@ -138,3 +138,23 @@ def test_a_comfyui_trace_that_reads_tensor_values_falls_back_to_the_stand_in(mon
     plan = memory.estimate(object(), geometry=memory.Geometry(2, 8, 8), settings=settings, search=False)
     assert plan.model_source.startswith("stand-in")
     assert any("reads tensor values" in r for r in plan.remarks)
+
+
+def test_the_full_size_stand_in_is_built_by_the_runs_rules():
+    # what the run holds (training.sd15_setup / training.loop): D's head at the SD1.5 head width, the teacher in
+    # float32 whatever the compute dtype, gradient checkpointing on the student's motion modules only
+    from lightning.discriminator import SD15_HEAD_CHANNELS
+    from lightning.motion_module import TemporalTransformer
+
+    settings = memory.PlanSettings(stage="8->4", device="cuda", precision="bf16", checkpointing=True,
+                                   d_trainable="light")
+    modules = memory._standin_parts(memory.StandIn(), settings, memory.Geometry.from_pixels(16, 512, 512),
+                                    "conditional", "cuda")()
+    assert {p.dtype for p in modules["teacher"].parameters()} == {torch.float32}
+    head_convs = [m for m in modules["discriminator"].head.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert head_convs and all(m.out_channels <= SD15_HEAD_CHANNELS for m in head_convs[:-1])
+    transformers = [m for m in modules["student"].modules() if isinstance(m, TemporalTransformer)]
+    assert transformers and all("forward" in m.__dict__ for m in transformers)  # checkpointed forward
+    assert not modules["base0"].gradient_checkpointing
+    trainable = sum(p.numel() for p in modules["discriminator"].parameters() if p.requires_grad)
+    assert trainable < 400e6, trainable  # motion modules, embeddings and the 512-wide head; not a 1.3 G head
